@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU torch first (a plain `pip install torch` pulls a multi-GB CUDA build); torchvision (timm's
+# dependency) pinned to the matching release so the resolver never swaps torch out.
+TORCH := torch==2.13.0 torchvision==0.28.0
+export DS_BUILD_OPS := 0
+export RAY_AUTH_MODE := disabled
+export RAY_USAGE_STATS_ENABLED := 0
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+WORK ?= work
+
+.PHONY: venv demo test lint bench clean
+
+$(BIN)/dsl: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[dev]' $(TORCH)
+	touch $(BIN)/dsl
+
+venv: $(BIN)/dsl
+
+demo: venv
+	$(BIN)/python -m dsl.demo --work $(WORK)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check .
+
+bench: venv
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(WORK) .pytest_cache

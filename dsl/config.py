@@ -1,0 +1,249 @@
+"""One typed config tree for every DSL job.
+
+Experiments live in ``configs/**/*.yaml``; any key can be overridden on the command line as
+``section.key=value`` (the value is parsed as YAML, so ``data.batch_size=64`` is an int and
+``model.s1_bands=[0,1]`` a list). An unknown key or a bad value is an error that names the
+file and the dotted key, never a silent default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the problem."""
+
+
+class Section(BaseModel):
+    # extra="forbid" turns a typo into an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(Section):
+    """``dsl ingest``: raw rasters -> WebDataset shards + manifest.json."""
+
+    source: Literal["sen12ms", "dfc2020", "bigearthnet", "zarr", "manifest"] = "sen12ms"
+    input: str = ""
+    output: str = "work/shards"
+    prefix: str = Field("pairs", pattern=r"^[A-Za-z0-9_]+$")
+    workers: int = Field(2, ge=1, description="Ray tasks run at once")
+    address: str | None = Field(None, description="Ray address; None starts a local Ray")
+    shard_size_mb: float = Field(256.0, gt=0)
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="0 disables the split")
+    tile_size: int = Field(256, ge=8, description="manifest source: rasters are tiled to this")
+    progress: bool = True
+
+
+class DataConfig(Section):
+    """Streaming pairs from shards for training."""
+
+    shards: str = "work/shards"
+    split: str | None = Field(None, description="train/val when ingested with a split")
+    batch_size: int = Field(64, ge=1, description="per worker (rank)")
+    crop_size: int = Field(128, ge=8)
+    shuffle_buffer: int = Field(1000, ge=0)
+    loader_workers: int = Field(2, ge=0)
+    normalisation: Literal["manifest", "clip"] = "manifest"
+    s1_bands: list[int] | None = None
+    s2_bands: list[int] | None = None
+    samples_per_epoch: int | None = Field(None, ge=1, description="default: manifest count")
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    backbone: str = "resnet18"
+    s1_backbone: str | None = None
+    s2_backbone: str | None = None
+    norm: Literal["batch", "group", "syncbatch"] = "batch"
+    proj_hidden_dim: int = Field(512, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    head_norm: bool = True
+
+
+class LossConfig(Section):
+    name: Literal["dual_ntxent", "clip", "simclr", "mma"] = "dual_ntxent"
+    temperature: float = Field(0.07, gt=0)
+    learnable_temperature: bool = False
+    gather_with_grad: bool = True
+    local_loss: bool = True
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(1000, ge=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class ScaleConfig(Section):
+    """How many Ray Train workers and what each gets."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+    address: str | None = None
+    storage_path: str = "work/ray_results"
+    name: str = "pretrain"
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)
+    resume: bool = True
+
+
+class MLflowConfig(Section):
+    tracking_uri: str = "sqlite:///work/mlflow.db"
+    artifact_location: str | None = None
+    experiment: str = "dsl-pretrain"
+    registered_model: str = "dsl-dual-backbone"
+    alias: str = "candidate"
+    system_metrics: bool = True
+
+
+class FinetuneConfig(Section):
+    backbone: str = "models:/dsl-dual-backbone@candidate"
+    method: Literal["dual", "s1", "s2", "early_fusion", "late_fusion"] = "dual"
+    task: Literal["single", "multi"] = "single"
+    label_fraction: float = Field(0.1, gt=0, le=1)
+    mode: Literal["linear", "full"] = "full"
+    epochs: int = Field(10, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = 0
+    test_split: str = "val"
+
+
+class PromoteConfig(Section):
+    metric: str = "average_accuracy"
+    task: Literal["single", "multi"] = "single"
+    label_fraction: float = 0.1
+    margin: float = 0.0
+    from_alias: str = "candidate"
+    to_alias: str = "champion"
+
+
+class Config(Section):
+    """The whole tree; each command reads the sections it needs."""
+
+    ingest: IngestConfig = IngestConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scale: ScaleConfig = ScaleConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.data.crop_size % 8:
+            raise ValueError(f"data.crop_size must be a multiple of 8, got {self.data.crop_size}")
+        return self
+
+
+def _unknown_key(path: str, key: str, allowed: list[str], origin: str) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{origin}: unknown key '{path}'{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _merge(base: dict, update: dict, model: type[BaseModel], origin: str, prefix: str = "") -> dict:
+    """Deep-merge ``update`` into ``base``, rejecting keys the model does not define."""
+    fields = model.model_fields
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields), origin)
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
+            base[key] = _merge(dict(base.get(key) or {}), value, sub, origin, path + ".")
+        else:
+            base[key] = value
+    return base
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=1`` -> (["a", "b"], 1); the value is YAML so types come out right."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config file, apply ``key=value`` overrides and validate the whole tree.
+
+    Args:
+        path: A YAML file with any subset of the tree; None starts from the defaults.
+        overrides: ``section.key=value`` strings applied after the file.
+
+    Raises:
+        ConfigError: Unknown key, unreadable file or invalid value; the message names which.
+    """
+    raw: dict = {}
+    origin = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = _merge({}, loaded, Config, origin)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        raw = _merge(raw, nested, Config, f"override '{text}'")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            got = err.get("input")
+            problems.append(f"{loc}: {err['msg']} (got {got!r})")
+        raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def dump_config(cfg: Config) -> dict[str, Any]:
+    """The resolved tree as plain data (for MLflow params and the manifest)."""
+    return cfg.model_dump(mode="json")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,257 @@
+"""The ingest job: plan partitions, run them as Ray tasks, commit the manifest last.
+
+Exactly once: the plan (items sorted by key, cut into fixed partitions) is a pure function of
+the input and the options, and is pinned in ``_parts/plan.json``. Partition p writes exactly one
+shard per split and then its sidecar ``_parts/<shard>.json``; the sidecar is the partition's
+commit marker. A rerun skips partitions whose sidecar exists and redoes the rest, overwriting
+any half-written shard, so a killed run resumed ends with the same samples as a clean run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import dsl
+from dsl.config import IngestConfig
+from dsl.format import FORMAT_VERSION, MANIFEST, S1_BANDS, shard_name
+from dsl.storage import filesystem, join
+from ingest.raster import BadInput
+from ingest.sources import BadRecord, PairItem, get_source
+from ingest.stats import BandStats
+from ingest.writer import ShardWriter, sample_members, write_text_atomic
+
+PARTS = "_parts"
+
+
+class IngestError(RuntimeError):
+    """The run cannot complete as asked (changed input, too many bad inputs ...)."""
+
+
+@dataclass(frozen=True)
+class Partition:
+    split: str | None
+    index: int
+    items: tuple[PairItem, ...]
+
+    @property
+    def shard(self) -> str:
+        return shard_name(self._prefix, self.split, self.index)
+
+    _prefix: str = "pairs"
+
+
+def assign_split(item: PairItem, val_fraction: float) -> str | None:
+    """Deterministic by location: a location's hash decides, so no location is ever split."""
+    if val_fraction <= 0:
+        return item.split
+    h = int(hashlib.sha1(item.location.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if h < val_fraction else "train"
+
+
+def plan_partitions(items: list[PairItem], per_shard: int, val_fraction: float, prefix: str) -> list[Partition]:
+    by_split: dict[str | None, list[PairItem]] = {}
+    for it in sorted(items, key=lambda i: i.key):
+        by_split.setdefault(assign_split(it, val_fraction), []).append(it)
+    parts = []
+    for split in sorted(by_split, key=lambda s: s or ""):
+        group = by_split[split]
+        for i in range(0, len(group), per_shard):
+            parts.append(Partition(split, i // per_shard, tuple(group[i : i + per_shard]), prefix))
+    return parts
+
+
+def code_version() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        rev = ""
+    return f"{dsl.__version__}+{rev}" if rev else dsl.__version__
+
+
+def write_partition(cfg: IngestConfig, part: Partition) -> dict:
+    """Read, validate and write one partition; returns (and commits) its sidecar."""
+    source = get_source(cfg.source, cfg.tile_size)
+    writer = ShardWriter()
+    s1_stats = BandStats(len(S1_BANDS), integer=False)
+    s2_stats, s2_bands, bad, keys = None, None, [], []
+    try:
+        for item in part.items:
+            try:
+                pairs = list(source.read(item))  # all tiles of an item or none of them
+            except BadInput as e:
+                bad.append(BadRecord(item.key, e.file, e.reason))
+                continue
+            for pair in pairs:
+                bands = pair.meta["s2_bands"]
+                if s2_bands is None:
+                    s2_bands, s2_stats = bands, BandStats(len(bands), integer=True)
+                elif bands != s2_bands:
+                    bad.append(BadRecord(pair.key, pair.meta["s2_file"], f"band set {bands} differs from {s2_bands}"))
+                    continue
+                writer.add(sample_members(pair, part.split))
+                s1_stats.update(pair.s1)
+                s2_stats.update(pair.s2)
+                keys.append(pair.key)
+        shard = None
+        if writer.count:
+            shard = {"name": part.shard, "split": part.split, **writer.commit(join(cfg.output, part.shard))}
+        else:
+            writer.abort()
+    except BaseException:
+        writer.abort()
+        raise
+    sidecar = {
+        "partition": part.shard,
+        "shard": shard,
+        "keys": keys,
+        "bad": [b.as_dict() for b in bad],
+        "items": len(part.items),
+        "s2_bands": s2_bands,
+        "stats": {"s1": s1_stats.to_json(), "s2": s2_stats.to_json() if s2_stats else None},
+    }
+    write_text_atomic(join(cfg.output, PARTS, part.shard + ".json"), json.dumps(sidecar))
+    return {"shard": part.shard, "samples": len(keys), "bad": len(bad), "items": len(part.items)}
+
+
+def _plan_id(cfg: IngestConfig, items: list[PairItem], per_shard: int) -> str:
+    h = hashlib.sha256()
+    opts = {k: getattr(cfg, k) for k in ("source", "input", "prefix", "val_fraction", "tile_size")}
+    h.update(json.dumps({"opts": opts, "per_shard": per_shard, "format": FORMAT_VERSION}, sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps(asdict(it), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _read_json(url: str) -> dict | None:
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, already: int, listing_bad: int) -> None:
+    import ray
+    from tqdm import tqdm
+
+    from dsl.ray_utils import init_ray
+
+    init_ray(cfg.address, num_cpus=None if cfg.address else cfg.workers)
+    task = ray.remote(num_cpus=1, max_retries=2)(write_partition)
+    cfg_ref = ray.put(cfg)
+    bar = tqdm(total=total_items, initial=already, unit="pair", disable=not cfg.progress, desc="ingest")
+    bad = listing_bad
+    bar.set_postfix(bad=bad)
+    pending, queue = [], list(todo)
+    while queue or pending:
+        while queue and len(pending) < cfg.workers:  # bounded in flight: memory stays flat
+            pending.append(task.remote(cfg_ref, queue.pop(0)))
+        done, pending = ray.wait(pending, num_returns=1)
+        for result in ray.get(done):
+            bad += result["bad"]
+            bar.update(result["items"])
+            bar.set_postfix(bad=bad)
+    bar.close()
+
+
+def ingest(cfg: IngestConfig) -> dict:
+    """Run (or resume) an ingest; returns the manifest.
+
+    Raises:
+        IngestError: The input changed since an interrupted run, or too many inputs are bad
+            (every valid shard is still committed; rerun with a higher --max-bad-fraction).
+    """
+    t0 = time.time()
+    source = get_source(cfg.source, cfg.tile_size)
+    items, listing_bad = source.list(cfg.input)
+    if not items:
+        raise IngestError(f"no pairs found under {cfg.input} for source '{cfg.source}' ({len(listing_bad)} bad)")
+    per_shard = max(1, int(cfg.shard_size_mb * 1e6 // source.estimate_bytes(items[0])))
+    parts = plan_partitions(items, per_shard, cfg.val_fraction, cfg.prefix)
+    plan_id = _plan_id(cfg, items, per_shard)
+    plan_url = join(cfg.output, PARTS, "plan.json")
+    plan = _read_json(plan_url)
+    if plan and plan["plan_id"] != plan_id:
+        raise IngestError(
+            f"{cfg.output} holds an ingest of a different input or options (plan {plan['plan_id'][:12]} "
+            f"vs {plan_id[:12]}); write to a new output or delete it"
+        )
+    if not plan:
+        write_text_atomic(plan_url, json.dumps({"plan_id": plan_id, "partitions": [p.shard for p in parts]}))
+
+    fs, root = filesystem(cfg.output)
+    existing = set(fs.ls(join(root, PARTS), detail=False)) if fs.exists(join(root, PARTS)) else set()
+    existing = {e.rsplit("/", 1)[-1] for e in existing}
+    todo = [p for p in parts if p.shard + ".json" not in existing]
+    already = sum(len(p.items) for p in parts if p not in todo)
+    if todo:
+        _run_tasks(cfg, todo, len(items), already, len(listing_bad))
+
+    # Merge sidecars (the committed truth) into the manifest.
+    shards, bad, keys = [], [b.as_dict() for b in listing_bad], []
+    s1_stats = BandStats(len(S1_BANDS), integer=False)
+    s2_stats, s2_bands = None, None
+    for p in parts:
+        side = _read_json(join(cfg.output, PARTS, p.shard + ".json"))
+        if side is None:
+            raise IngestError(f"partition {p.shard} has no sidecar after the run; rerun to resume")
+        bad += side["bad"]
+        keys += side["keys"]
+        if side["shard"]:
+            shards.append(side["shard"])
+            s2_bands = s2_bands or side["s2_bands"]
+            if side["s2_bands"] != s2_bands:
+                raise IngestError(f"{p.shard}: S2 bands {side['s2_bands']} differ from {s2_bands} in other shards")
+            if p.split in (None, "train") or cfg.val_fraction == 0:
+                s1_stats.merge(BandStats.from_json(side["stats"]["s1"]))
+                part_s2 = BandStats.from_json(side["stats"]["s2"])
+                s2_stats = part_s2 if s2_stats is None else (s2_stats.merge(part_s2) or s2_stats)
+    if len(keys) != len(set(keys)):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise IngestError(f"duplicate sample keys across shards: {dup}")
+
+    bad_lines = "".join(json.dumps(b, sort_keys=True) + "\n" for b in sorted(bad, key=lambda b: (b["key"], b["file"])))
+    write_text_atomic(join(cfg.output, "quarantine.jsonl"), bad_lines)
+    total = len(keys) + len(bad)
+    bad_fraction = len(bad) / total if total else 0.0
+    if bad_fraction > cfg.max_bad_fraction:
+        raise IngestError(
+            f"{len(bad)} of {total} inputs are bad ({bad_fraction:.1%} > --max-bad-fraction "
+            f"{cfg.max_bad_fraction:.1%}); see {join(cfg.output, 'quarantine.jsonl')}. The {len(keys)} valid "
+            "samples are committed in shards; rerun with a higher --max-bad-fraction to write the manifest"
+        )
+
+    splits = {}
+    for s in shards:
+        splits.setdefault(s["split"] or "all", 0)
+        splits[s["split"] or "all"] += s["samples"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "source": cfg.source,
+        "input": cfg.input,
+        "options": cfg.model_dump(mode="json", exclude={"progress", "address", "workers"}),
+        "code_version": code_version(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "plan_id": plan_id,
+        "samples": len(keys),
+        "samples_by_split": splits,
+        "bad": len(bad),
+        "quarantine": "quarantine.jsonl",
+        "bands": {"s1": list(S1_BANDS), "s2": s2_bands},
+        "stats_split": "train" if cfg.val_fraction > 0 else "all",
+        "stats": {
+            "s1": s1_stats.summary(list(S1_BANDS)),
+            "s2": s2_stats.summary(s2_bands) if s2_stats else {},
+        },
+        "shards": shards,
+        "seconds": round(time.time() - t0, 3),
+    }
+    write_text_atomic(join(cfg.output, MANIFEST), json.dumps(manifest, indent=1))
+    return manifest

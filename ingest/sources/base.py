@@ -1,0 +1,131 @@
+"""What every source provides: a listing of pair items and a reader turning one into pairs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dsl.format import KEY_RE, S1_BANDS
+from ingest.raster import BadInput, Raster
+
+
+@dataclass(frozen=True)
+class PairItem:
+    """A pair to read: cheap to list, ship to a Ray task and sort. ``files`` maps role -> URL."""
+
+    key: str
+    location: str  # the place: train/val split never separates one location
+    files: tuple[tuple[str, str], ...]
+    split: str | None = None  # a split the source itself defines (DFC2020 validation/test)
+    index: int | None = None  # row in array sources (zarr)
+
+    def file(self, role: str) -> str | None:
+        return dict(self.files).get(role)
+
+
+@dataclass
+class Pair:
+    key: str
+    location: str
+    s1: np.ndarray  # float32 [2, H, W] dB
+    s2: np.ndarray  # uint16 [C, H, W]
+    meta: dict
+    dfc: np.ndarray | None = None  # uint8 [H, W] remapped DFC mask
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    key: str
+    file: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "file": self.file, "reason": self.reason}
+
+
+class Source:
+    """Base class: ``list`` enumerates the input, ``read`` yields the pairs of one item."""
+
+    name = "base"
+
+    def list(self, input_url: str) -> tuple[list[PairItem], list[BadRecord]]:
+        raise NotImplementedError
+
+    def read(self, item: PairItem) -> Iterator[Pair]:
+        raise NotImplementedError
+
+    def estimate_bytes(self, item: PairItem) -> int:
+        """Bytes one item adds to a shard, for sizing partitions (headers only)."""
+        raise NotImplementedError
+
+
+def check_key(key: str) -> str:
+    if not KEY_RE.match(key):
+        raise ValueError(f"sample key {key!r} has characters other than letters, digits, _ and -")
+    return key
+
+
+def s1_array(r: Raster) -> np.ndarray:
+    if r.data.shape[0] != len(S1_BANDS):
+        raise BadInput(r.path, f"wrong band count: expected 2 (VV, VH), found {r.data.shape[0]}")
+    if not np.issubdtype(r.data.dtype, np.floating):
+        raise BadInput(r.path, f"S1 must be float backscatter in dB, found dtype {r.data.dtype}")
+    return r.data.astype(np.float32, copy=False)
+
+
+def s2_array(r: Raster, bands: tuple[str, ...]) -> np.ndarray:
+    if r.data.shape[0] != len(bands):
+        raise BadInput(r.path, f"wrong band count: expected {len(bands)} ({bands[0]}..{bands[-1]}), found {r.data.shape[0]}")
+    if r.data.dtype != np.uint16:
+        if not np.issubdtype(r.data.dtype, np.integer) or r.data.min() < 0 or r.data.max() > 65535:
+            raise BadInput(r.path, f"S2 must be reflectance x 10000 as uint16, found dtype {r.data.dtype}")
+        return r.data.astype(np.uint16)
+    return r.data
+
+
+def check_values(path: str, data: np.ndarray, nodata: float | None) -> None:
+    """NaN/inf anywhere or nothing but nodata makes a patch unusable."""
+    if np.issubdtype(data.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise BadInput(path, f"{bad} NaN/inf values")
+    fill = 0 if nodata is None or not np.isfinite(nodata) else nodata
+    if np.all(data == fill):
+        raise BadInput(path, f"all-nodata patch (every pixel is {fill:g})")
+
+
+def check_grids(a: Raster, b: Raster, shape_b: tuple[int, ...] | None = None) -> None:
+    """Co-located means same CRS, geotransform and size."""
+    if a.grid != b.grid:
+        raise BadInput(
+            b.path,
+            f"grid mismatch with partner {a.path}: CRS {b.crs} vs {a.crs}, "
+            f"transform {b.transform} vs {a.transform}, size {b.data.shape[1:]} vs {a.data.shape[1:]}",
+        )
+
+
+def raster_meta(r: Raster) -> dict:
+    return {"crs": r.crs, "transform": list(r.transform), "height": int(r.data.shape[1]), "width": int(r.data.shape[2])}
+
+
+def make_pair(key: str, location: str, s1: Raster, s2: Raster, s2_bands: tuple[str, ...], meta: dict) -> Pair:
+    """Validate a co-located raster pair and turn it into a Pair (raises BadInput)."""
+    s1_data = s1_array(s1)
+    s2_data = s2_array(s2, s2_bands)
+    check_grids(s1, s2)
+    check_values(s1.path, s1_data, s1.nodata)
+    check_values(s2.path, s2_data, s2.nodata)
+    meta = {
+        **meta,
+        "key": key,
+        "location": location,
+        **raster_meta(s1),
+        "s1_bands": list(S1_BANDS),
+        "s2_bands": list(s2_bands),
+        "s1_file": s1.path,
+        "s2_file": s2.path,
+    }
+    return Pair(key=key, location=location, s1=s1_data, s2=s2_data, meta=meta)

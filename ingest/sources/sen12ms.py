@@ -1,0 +1,107 @@
+"""SEN12MS (and DFC2020, which shares its layout).
+
+Tree: ``<season>/<sensor>_<scene>/<season>_<sensor>_<scene>_p<patch>.tif`` with sensor in
+s1, s2, lc (and dfc for DFC2020); pairs are matched by (season, scene, patch).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+
+from dsl.format import S2_L1C_BANDS, dfc_remap, dfc_targets
+from dsl.storage import filesystem
+from ingest.raster import BadInput, raster_shape, read_raster
+from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_grids, check_key, make_pair
+
+NAME_RE = re.compile(r"^(?P<season>ROIs\d+_[A-Za-z]+)_(?P<sensor>s1|s2|lc|dfc)_(?P<scene>\d+)_p(?P<patch>\d+)\.tif$")
+
+
+def _season_date(season: str) -> str | None:
+    return season.split("_", 1)[1] if "_" in season else None
+
+
+class SEN12MS(Source):
+    name = "sen12ms"
+    required = ("s1", "s2")
+    s2_bands = S2_L1C_BANDS
+
+    def location(self, season: str, scene: str, key: str) -> str:
+        return f"{season}_{scene}"  # a scene is one region: its patches neighbour each other
+
+    def split_of(self, season: str) -> str | None:
+        return None
+
+    def list(self, input_url: str) -> tuple[list[PairItem], list[BadRecord]]:
+        fs, root = filesystem(input_url)
+        if not fs.exists(root):
+            raise FileNotFoundError(f"input {input_url} does not exist")
+        proto = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
+        groups: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
+        for path in sorted(fs.find(root)):
+            m = NAME_RE.match(path.rsplit("/", 1)[-1])
+            if m:
+                groups[(m["season"], m["scene"], m["patch"])][m["sensor"]] = proto + path
+        items, bad = [], []
+        for (season, scene, patch), files in sorted(groups.items()):
+            key = check_key(f"{season}_{scene}_p{patch}")
+            missing = [r for r in self.required if r not in files]
+            if missing:
+                present = next(iter(files.values()))
+                bad.append(BadRecord(key, present, f"missing partner: no {', '.join(missing)} file for this patch"))
+                continue
+            items.append(
+                PairItem(
+                    key=key,
+                    location=self.location(season, scene, key),
+                    files=tuple(sorted(files.items())),
+                    split=self.split_of(season),
+                )
+            )
+        return items, bad
+
+    def estimate_bytes(self, item: PairItem) -> int:
+        b1, h, w, _ = raster_shape(item.file("s1"))
+        b2, _, _, _ = raster_shape(item.file("s2"))
+        return h * w * (4 * b1 + 2 * b2) + 2048
+
+    def read(self, item: PairItem) -> Iterator[Pair]:
+        s1 = read_raster(item.file("s1"))
+        s2 = read_raster(item.file("s2"))
+        season = item.key.rsplit("_", 2)[0]
+        meta = {"source": self.name, "season": season, "date": _season_date(season)}
+        pair = make_pair(item.key, item.location, s1, s2, self.s2_bands, meta)
+        if item.file("lc"):
+            lc = read_raster(item.file("lc"))
+            check_grids(s1, lc)
+            pair.meta["lc_file"] = lc.path
+        yield pair
+
+
+class DFC2020(SEN12MS):
+    """DFC2020: SEN12MS layout under ROIs0000_validation / ROIs0000_test with a dfc_0 mask."""
+
+    name = "dfc2020"
+    required = ("s1", "s2", "dfc")
+
+    def location(self, season: str, scene: str, key: str) -> str:
+        return key  # every DFC2020 patch comes from its own place (scene is always 0)
+
+    def split_of(self, season: str) -> str | None:
+        return season.split("_", 1)[1] if "_" in season else None  # validation / test
+
+    def read(self, item: PairItem) -> Iterator[Pair]:
+        (pair,) = super().read(item)
+        dfc = read_raster(item.file("dfc"))
+        if dfc.data.shape[0] != 1:
+            raise BadInput(dfc.path, f"wrong band count: DFC mask has 1 band, found {dfc.data.shape[0]}")
+        grid = (pair.meta["crs"], tuple(round(v, 9) for v in pair.meta["transform"]), pair.s1.shape[1:])
+        if dfc.grid != grid:
+            raise BadInput(dfc.path, f"grid mismatch with partner {pair.meta['s1_file']}: mask grid {dfc.grid} vs {grid}")
+        mask = dfc_remap(dfc.data[0])
+        single, multi = dfc_targets(mask)
+        pair.dfc = mask
+        pair.extra = {"cls": single, "multi": multi}
+        pair.meta.update({"dfc_file": dfc.path, "label": single, "multilabel": multi.tolist()})
+        yield pair

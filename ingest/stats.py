@@ -1,0 +1,118 @@
+"""Per-band statistics computed while writing, mergeable across partitions.
+
+Integer bands (S2 uint16) are counted exactly in a 65536-bin histogram, from which mean, std,
+min, max and percentiles follow exactly. Float bands (S1 dB) keep exact running moments
+(Chan's parallel update) and a 0.01 dB histogram over [-60, 40) for percentiles; values
+outside land in the edge bins, while min and max stay exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_RANGE = (-60.0, 40.0, 10_000)
+INT_BINS = 65_536
+
+
+class BandStats:
+    def __init__(self, bands: int, integer: bool):
+        self.integer = integer
+        self.nbins = INT_BINS if integer else FLOAT_RANGE[2]
+        self.hist = np.zeros((bands, self.nbins), dtype=np.int64)
+        self.n = 0  # pixels per band
+        self.mean = np.zeros(bands)
+        self.m2 = np.zeros(bands)
+        self.min = np.full(bands, np.inf)
+        self.max = np.full(bands, -np.inf)
+
+    def update(self, x: np.ndarray) -> None:
+        """Add one patch [C, H, W]."""
+        c = x.shape[0]
+        flat = x.reshape(c, -1)
+        offsets = (np.arange(c, dtype=np.int64) * self.nbins)[:, None]
+        if self.integer:
+            # one bincount over all bands at once (band c's bins start at c * nbins)
+            self.hist += np.bincount((flat + offsets).ravel(), minlength=c * self.nbins).reshape(c, -1)
+            return
+        lo, hi, nb = FLOAT_RANGE
+        idx = np.clip(((flat - lo) * (nb / (hi - lo))).astype(np.int64), 0, nb - 1)
+        self.hist += np.bincount((idx + offsets).ravel(), minlength=c * nb).reshape(c, -1)
+        m = flat.mean(axis=1, dtype=np.float64)
+        m2 = np.square(flat - m[:, None].astype(flat.dtype), dtype=np.float64).sum(axis=1)
+        self._merge_moments(flat.shape[1], m, m2)
+        self.min = np.minimum(self.min, flat.min(axis=1))
+        self.max = np.maximum(self.max, flat.max(axis=1))
+
+    def _merge_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if n == 0:
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * n / total
+        self.m2 = self.m2 + m2 + delta**2 * self.n * n / total
+        self.n = total
+
+    def merge(self, other: BandStats) -> None:
+        self.hist += other.hist
+        if not self.integer:
+            self._merge_moments(other.n, other.mean, other.m2)
+            self.min = np.minimum(self.min, other.min)
+            self.max = np.maximum(self.max, other.max)
+
+    def to_json(self) -> dict:
+        nz = [np.flatnonzero(h) for h in self.hist]
+        return {
+            "integer": self.integer,
+            "bands": int(self.hist.shape[0]),
+            "hist": [[i.tolist(), h[i].tolist()] for i, h in zip(nz, self.hist, strict=True)],
+            "n": int(self.n),
+            "mean": self.mean.tolist(),
+            "m2": self.m2.tolist(),
+            "min": self.min.tolist(),
+            "max": self.max.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> BandStats:
+        s = cls(d["bands"], d["integer"])
+        for b, (idx, counts) in enumerate(d["hist"]):
+            s.hist[b, idx] = counts
+        s.n, s.mean, s.m2 = d["n"], np.array(d["mean"]), np.array(d["m2"])
+        s.min, s.max = np.array(d["min"], dtype=float), np.array(d["max"], dtype=float)
+        return s
+
+    def _percentile(self, h: np.ndarray, q: float) -> float:
+        cum = np.cumsum(h)
+        b = int(np.searchsorted(cum, q * cum[-1], side="left"))
+        if self.integer:
+            return float(b)
+        lo, hi, nb = FLOAT_RANGE
+        return lo + (b + 0.5) * (hi - lo) / nb
+
+    def summary(self, names: list[str]) -> dict[str, dict[str, float]]:
+        """{band: {count, mean, std, min, max, p1, p99}}."""
+        out = {}
+        values = np.arange(self.nbins, dtype=np.float64)
+        for b, name in enumerate(names):
+            h = self.hist[b]
+            count = int(h.sum())
+            if count == 0:
+                continue
+            if self.integer:
+                mean = float((h * values).sum() / count)
+                std = float(np.sqrt((h * (values - mean) ** 2).sum() / count))
+                nz = np.flatnonzero(h)
+                vmin, vmax = float(nz[0]), float(nz[-1])
+            else:
+                mean, std = float(self.mean[b]), float(np.sqrt(self.m2[b] / max(self.n, 1)))
+                vmin, vmax = float(self.min[b]), float(self.max[b])
+            out[name] = {
+                "count": count,
+                "mean": mean,
+                "std": std,
+                "min": vmin,
+                "max": vmax,
+                "p1": self._percentile(h, 0.01),
+                "p99": self._percentile(h, 0.99),
+            }
+        return out
