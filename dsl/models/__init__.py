@@ -1,0 +1,1 @@
+"""Backbones (timm), projection heads and the two-tower model."""
