@@ -39,7 +39,10 @@ def storage_env() -> dict[str, str]:
 
 def register_webdataset_handlers() -> None:
     """Teach webdataset's gopen to open any fsspec URL (it has no s3:// handler of its own)."""
-    import webdataset.gopen as gopen
+    import importlib
+
+    # the package re-exports a function named gopen, shadowing the module for `import ... as`
+    gopen = importlib.import_module("webdataset.gopen")
 
     def _open_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any):
         return fsspec.open(url, mode).open()

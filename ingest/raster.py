@@ -75,7 +75,7 @@ def _raster(url: str, ds, data: np.ndarray, window) -> Raster:
     transform = ds.window_transform(window) if window is not None else ds.transform
     if data.shape[1:] != (ds.height, ds.width) and window is None:
         # resampled: the grid is the output grid
-        transform = ds.transform * ds.transform.scale(ds.width / data.shape[-1], ds.height / data.shape[-2])
+        transform = ds.transform @ ds.transform.scale(ds.width / data.shape[-1], ds.height / data.shape[-2])
     return Raster(
         path=url,
         data=data,
@@ -85,15 +85,26 @@ def _raster(url: str, ds, data: np.ndarray, window) -> Raster:
     )
 
 
-def raster_shape(url: str) -> tuple[int, int, int, str]:
-    """(bands, height, width, dtype) from the header only."""
+def raster_header(url: str) -> Raster:
+    """Georeferencing and shape without reading pixels (``data`` is a zero-memory view)."""
     try:
         if is_local(url):
             with rasterio.open(local_path(url)) as ds:
-                return ds.count, ds.height, ds.width, ds.dtypes[0]
+                return _header(url, ds)
         import fsspec
 
         with fsspec.open(url, "rb") as f, rasterio.open(f) as ds:
-            return ds.count, ds.height, ds.width, ds.dtypes[0]
+            return _header(url, ds)
     except (rasterio.errors.RasterioError, OSError, ValueError) as e:
         raise BadInput(url, f"unreadable raster header ({str(e).splitlines()[0][:200]})") from None
+
+
+def _header(url: str, ds) -> Raster:
+    data = np.broadcast_to(np.zeros((), dtype=ds.dtypes[0]), (ds.count, ds.height, ds.width))
+    return _raster(url, ds, data, None)
+
+
+def raster_shape(url: str) -> tuple[int, int, int, str]:
+    """(bands, height, width, dtype) from the header only."""
+    r = raster_header(url)
+    return (*r.data.shape, str(r.data.dtype))

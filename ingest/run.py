@@ -78,7 +78,7 @@ def code_version() -> str:
 def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     """Read, validate and write one partition; returns (and commits) its sidecar."""
     source = get_source(cfg.source, cfg.tile_size)
-    writer = ShardWriter()
+    writer = ShardWriter(join(cfg.output, part.shard))
     s1_stats = BandStats(len(S1_BANDS), integer=False)
     s2_stats, s2_bands, bad, keys = None, None, [], []
     try:
@@ -101,7 +101,7 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
                 keys.append(pair.key)
         shard = None
         if writer.count:
-            shard = {"name": part.shard, "split": part.split, **writer.commit(join(cfg.output, part.shard))}
+            shard = {"name": part.shard, "split": part.split, **writer.commit()}
         else:
             writer.abort()
     except BaseException:
@@ -187,12 +187,14 @@ def ingest(cfg: IngestConfig) -> dict:
         write_text_atomic(plan_url, json.dumps({"plan_id": plan_id, "partitions": [p.shard for p in parts]}))
 
     fs, root = filesystem(cfg.output)
+    fs.invalidate_cache()  # object-store listings are cached per process; workers wrote since
     existing = set(fs.ls(join(root, PARTS), detail=False)) if fs.exists(join(root, PARTS)) else set()
     existing = {e.rsplit("/", 1)[-1] for e in existing}
     todo = [p for p in parts if p.shard + ".json" not in existing]
     already = sum(len(p.items) for p in parts if p not in todo)
     if todo:
         _run_tasks(cfg, todo, len(items), already, len(listing_bad))
+        fs.invalidate_cache()
 
     # Merge sidecars (the committed truth) into the manifest.
     shards, bad, keys = [], [b.as_dict() for b in listing_bad], []

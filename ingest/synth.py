@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.transform import from_origin
+from affine import Affine
 
 # Raw DFC2020 codes 1..10 (3 Savanna and 8 Snow/Ice are rare and become 'ignore' downstream).
 N_CLASSES = 10
@@ -80,7 +80,7 @@ def synthesise(out: str | Path, layout: str = "sen12ms", locations: int = 64, se
         s1, s2 = render(rng, lc)
         zone = 31 + i % 6
         crs = f"EPSG:326{zone:02d}"
-        transform = from_origin(300000 + 10 * size * (i % 97), 5000000 - 10 * size * (i // 97), 10, 10)
+        transform = Affine(10, 0, 300000 + 10 * size * (i % 97), 0, -10, 5000000 - 10 * size * (i // 97))
         if layout == "sen12ms":
             scene = i // 8 + 1
             season = f"ROIs{1000 + seed % 9000}_{SEASONS[scene % 4]}"

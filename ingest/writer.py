@@ -1,4 +1,9 @@
-"""Writing one shard: a plain tar built locally, then committed to the output in one step."""
+"""Writing one shard: a plain tar built in a temp file, then committed in one atomic step.
+
+The tar is written by hand (tarfile's own headers, our own data path) so that array bytes go
+from numpy straight into the file and the sha256, with no intermediate copies: on the ingest
+hot path every copy of a 2 MB pair shows up in pairs/s.
+"""
 
 from __future__ import annotations
 
@@ -9,88 +14,97 @@ import tarfile
 import tempfile
 import uuid
 
-from dsl.format import encode_json, encode_npy
+import numpy as np
+
+from dsl.format import encode_json
 from dsl.storage import filesystem
 from ingest.sources.base import Pair
 
+BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 
-def sample_members(pair: Pair, split: str | None) -> list[tuple[str, bytes]]:
+
+def npy_chunks(array: np.ndarray) -> list:
+    """An .npy file as [header bytes, zero-copy view of the data] (same bytes as np.save)."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return [header.getvalue(), memoryview(array).cast("B")]
+
+
+def sample_members(pair: Pair, split: str | None) -> list[tuple[str, list]]:
     meta = dict(pair.meta)
     meta["split"] = split
-    members = [("s1.npy", encode_npy(pair.s1)), ("s2.npy", encode_npy(pair.s2))]
+    members = [("s1.npy", npy_chunks(pair.s1)), ("s2.npy", npy_chunks(pair.s2))]
     if pair.dfc is not None:
         members += [
-            ("dfc.npy", encode_npy(pair.dfc)),
-            ("cls", str(pair.extra["cls"]).encode()),
-            ("multi.npy", encode_npy(pair.extra["multi"])),
+            ("dfc.npy", npy_chunks(pair.dfc)),
+            ("cls", [str(pair.extra["cls"]).encode()]),
+            ("multi.npy", npy_chunks(pair.extra["multi"])),
         ]
-    members.append(("json", encode_json(meta)))
-    return [(f"{pair.key}.{ext}", data) for ext, data in members]
-
-
-class _HashingWriter(io.RawIOBase):
-    """File wrapper that hashes and counts what tarfile writes (no second read of the shard)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.bytes
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.bytes += len(b)
-        return self.f.write(b)
+    members.append(("json", [encode_json(meta)]))
+    return [(f"{pair.key}.{ext}", chunks) for ext, chunks in members]
 
 
 class ShardWriter:
-    """Builds a tar in a local temp file; ``commit`` moves it to its final URL atomically."""
+    """Builds a tar for ``url``; ``commit`` publishes it atomically, ``abort`` leaves nothing.
 
-    def __init__(self, tmp_dir: str | None = None):
-        fd, self.tmp_path = tempfile.mkstemp(suffix=".tar", dir=tmp_dir)
-        self._file = os.fdopen(fd, "wb")
-        self._hasher = _HashingWriter(self._file)
-        self._tar = tarfile.open(fileobj=self._hasher, mode="w", format=tarfile.USTAR_FORMAT)
+    Local outputs: the temp file sits beside the destination and commit is a rename.
+    Object stores: the temp file is local and commit is one PUT (atomic per object).
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.fs, self.path = filesystem(url)
+        self.local = "file" in self.fs.protocol
+        if self.local:
+            self.fs.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.tmp_path = f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+            self._file = open(self.tmp_path, "wb")
+        else:
+            fd, self.tmp_path = tempfile.mkstemp(suffix=".tar")
+            self._file = os.fdopen(fd, "wb")
+        self._sha = hashlib.sha256()
+        self.bytes = 0
         self.count = 0
 
-    def add(self, members: list[tuple[str, bytes]]) -> None:
-        for name, data in members:
+    def _write(self, data) -> None:
+        self._sha.update(data)
+        self._file.write(data)
+        self.bytes += len(data)
+
+    def add(self, members: list[tuple[str, list]]) -> None:
+        for name, chunks in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o444, 0  # mtime 0: same bytes on rerun
-            self._tar.addfile(info, io.BytesIO(data))
+            info.size, info.mode, info.mtime = sum(len(c) for c in chunks), 0o444, 0  # mtime 0: same bytes on rerun
+            self._write(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+            for c in chunks:
+                self._write(c)
+            self._write(b"\0" * (-info.size % BLOCK))
         self.count += 1
 
-    def close(self) -> dict:
-        self._tar.close()
+    def _close(self) -> dict:
+        self._write(b"\0" * (2 * BLOCK))  # end-of-archive marker, then pad to a full record
+        self._write(b"\0" * (-self.bytes % RECORD))
         self._file.close()
-        return {"bytes": self._hasher.bytes, "sha256": self._hasher.sha.hexdigest(), "samples": self.count}
+        return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.count}
 
-    def commit(self, url: str) -> dict:
-        """Close and publish. Local: rename (atomic). Object stores: one PUT (atomic per object)."""
-        info = self.close()
-        fs, path = filesystem(url)
+    def commit(self) -> dict:
+        info = self._close()
         try:
-            if "file" in fs.protocol:
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                fs.makedirs(os.path.dirname(path), exist_ok=True)
-                fs.put_file(self.tmp_path, tmp)
-                os.replace(tmp, path)
+            if self.local:
+                os.replace(self.tmp_path, self.path)
             else:
-                fs.put_file(self.tmp_path, path)
-        finally:
-            os.unlink(self.tmp_path)
-        return info
-
-    def abort(self) -> None:
-        try:
-            self._tar.close()
-            self._file.close()
+                self.fs.put_file(self.tmp_path, self.path)
         finally:
             if os.path.exists(self.tmp_path):
                 os.unlink(self.tmp_path)
+        return info
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self.tmp_path):
+            os.unlink(self.tmp_path)
 
 
 def write_text_atomic(url: str, text: str) -> None:

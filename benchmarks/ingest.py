@@ -1,0 +1,82 @@
+"""Ingest throughput: pairs/s per worker against reading the same files and dropping them.
+
+    python benchmarks/ingest.py [--locations 400] [--size 256]
+
+Prints one JSON object. Targets: ingest(1 worker) / read-only >= 0.8; 2 workers / 1 >= 1.7.
+Synthetic SEN12MS-layout GeoTIFFs with the real band counts, dtypes and (uncompressed) layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import rasterio
+
+# This file is named like the `ingest` package; drop its folder from the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+
+def read_only(root: Path) -> float:
+    """The limit: the simplest loop that reads every S1/S2 raster with rasterio and drops it."""
+    files = sorted(root.rglob("*_s1_*.tif")) + sorted(root.rglob("*_s2_*.tif"))
+    t0 = time.perf_counter()
+    for f in files:
+        with rasterio.open(f) as ds:
+            ds.read()
+    return (len(files) // 2) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--locations", type=int, default=400)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--shard-size-mb", type=float, default=64)
+    args = p.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    from dsl.config import IngestConfig
+    from dsl.ray_utils import init_ray
+    from ingest.run import ingest
+    from ingest.synth import synthesise
+
+    tmp = Path(tempfile.mkdtemp(prefix="dsl-bench-"))
+    try:
+        raw = tmp / "raw"
+        synthesise(raw, "sen12ms", args.locations, seed=0, size=args.size)
+        init_ray(num_cpus=2)  # started once, outside the timed runs
+        read_only(raw)  # warm the page cache so every variant reads from memory
+        baseline = max(read_only(raw) for _ in range(2))
+        rates = {}
+        for workers in (1, 2):
+            out = tmp / f"out{workers}"
+            t0 = time.perf_counter()
+            m = ingest(IngestConfig(source="sen12ms", input=str(raw), output=str(out), workers=workers,
+                                    shard_size_mb=args.shard_size_mb, progress=False))
+            rates[workers] = m["samples"] / (time.perf_counter() - t0)
+        print(json.dumps({
+            "benchmark": "ingest",
+            "command": f"python benchmarks/ingest.py --locations {args.locations} --size {args.size}",
+            "pairs": args.locations,
+            "patch_px": args.size,
+            "read_only_pairs_per_s": round(baseline, 1),
+            "ingest_1_worker_pairs_per_s": round(rates[1], 1),
+            "ingest_2_workers_pairs_per_s": round(rates[2], 1),
+            "ratio_1_worker_vs_read_only": round(rates[1] / baseline, 3),
+            "target_ratio": 0.8,
+            "speedup_2_vs_1": round(rates[2] / rates[1], 3),
+            "target_speedup": 1.7,
+            "cpus": os.cpu_count(),
+        }, indent=1))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
