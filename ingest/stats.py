@@ -27,6 +27,7 @@ class BandStats:
         self.m2 = np.zeros(bands)
         self.min = np.full(bands, np.inf)
         self.max = np.full(bands, -np.inf)
+        self._pending: list[np.ndarray] = []  # integer samples, counted in one bincount later
 
     def update(self, x: np.ndarray) -> None:
         """Add one patch [C, H, W]."""
@@ -35,17 +36,26 @@ class BandStats:
         self.min = np.minimum(self.min, flat_all.min(axis=1))
         self.max = np.maximum(self.max, flat_all.max(axis=1))
         flat = x[:, ::STRIDE, ::STRIDE].reshape(c, -1)
-        offsets = (np.arange(c, dtype=np.int64) * self.nbins)[:, None]
         if self.integer:
-            # one bincount over all bands at once (band c's bins start at c * nbins)
-            self.hist += np.bincount((flat + offsets).ravel(), minlength=c * self.nbins).reshape(c, -1)
+            # A 13 x 65536 histogram costs more to add per patch than the patch itself:
+            # keep the (small) sample and count a whole partition at once.
+            self._pending.append(flat.copy())
             return
         lo, hi, nb = FLOAT_RANGE
+        offsets = (np.arange(c, dtype=np.int64) * nb)[:, None]
         idx = np.clip(((flat - lo) * (nb / (hi - lo))).astype(np.int64), 0, nb - 1)
         self.hist += np.bincount((idx + offsets).ravel(), minlength=c * nb).reshape(c, -1)
         m = flat.mean(axis=1, dtype=np.float64)
         m2 = np.square(flat - m[:, None].astype(flat.dtype), dtype=np.float64).sum(axis=1)
         self._merge_moments(flat.shape[1], m, m2)
+
+    def _flush(self) -> None:
+        if self._pending:
+            flat = np.concatenate(self._pending, axis=1)
+            c = flat.shape[0]
+            offsets = (np.arange(c, dtype=np.int64) * self.nbins)[:, None]  # band c's bins start at c * nbins
+            self.hist += np.bincount((flat + offsets).ravel(), minlength=c * self.nbins).reshape(c, -1)
+            self._pending = []
 
     def _merge_moments(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
         if n == 0:
@@ -57,6 +67,7 @@ class BandStats:
         self.n = total
 
     def merge(self, other: BandStats) -> None:
+        other._flush()
         self.hist += other.hist
         self.min = np.minimum(self.min, other.min)
         self.max = np.maximum(self.max, other.max)
@@ -64,6 +75,7 @@ class BandStats:
             self._merge_moments(other.n, other.mean, other.m2)
 
     def to_json(self) -> dict:
+        self._flush()
         nz = [np.flatnonzero(h) for h in self.hist]
         return {
             "integer": self.integer,
@@ -95,6 +107,7 @@ class BandStats:
 
     def summary(self, names: list[str]) -> dict[str, dict[str, float]]:
         """{band: {count (sampled pixels), mean, std, min, max, p1, p99}}."""
+        self._flush()
         out = {}
         values = np.arange(self.nbins, dtype=np.float64)
         for b, name in enumerate(names):

@@ -88,12 +88,11 @@ def s2_array(r: Raster, bands: tuple[str, ...]) -> np.ndarray:
 
 def check_values(path: str, data: np.ndarray, nodata: float | None) -> None:
     """NaN/inf anywhere or nothing but nodata makes a patch unusable."""
-    if np.issubdtype(data.dtype, np.floating):
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        if bad:
-            raise BadInput(path, f"{bad} NaN/inf values")
+    # one reduction first (no temporaries): the exact count only for the rare bad patch
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data.sum(dtype=np.float64)):
+        raise BadInput(path, f"{int(np.count_nonzero(~np.isfinite(data)))} NaN/inf values")
     fill = 0 if nodata is None or not np.isfinite(nodata) else nodata
-    if np.all(data == fill):
+    if data.min() == fill and data.max() == fill:
         raise BadInput(path, f"all-nodata patch (every pixel is {fill:g})")
 
 

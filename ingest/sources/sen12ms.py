@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 from dsl.format import S2_L1C_BANDS, dfc_remap, dfc_targets
 from dsl.storage import filesystem
-from ingest.raster import BadInput, raster_header, raster_shape, read_raster
-from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_grids, check_key, make_pair
+from ingest.raster import BadInput, raster_shape, read_raster
+from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
 NAME_RE = re.compile(r"^(?P<season>ROIs\d+_[A-Za-z]+)_(?P<sensor>s1|s2|lc|dfc)_(?P<scene>\d+)_p(?P<patch>\d+)\.tif$")
 
@@ -72,10 +72,8 @@ class SEN12MS(Source):
         season = item.key.rsplit("_", 2)[0]
         meta = {"source": self.name, "season": season, "date": _season_date(season)}
         pair = make_pair(item.key, item.location, s1, s2, self.s2_bands, meta)
-        if item.file("lc"):  # not stored; its header must still agree with the pair's grid
-            lc = raster_header(item.file("lc"))
-            check_grids(s1, lc)
-            pair.meta["lc_file"] = lc.path
+        if item.file("lc"):  # not stored (labels are ignored for pretraining); only referenced
+            pair.meta["lc_file"] = item.file("lc")
         yield pair
 
 
