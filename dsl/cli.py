@@ -44,6 +44,15 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from dsl.train.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    out = pretrain(cfg)
+    print(json.dumps({k: out[k] for k in ("run_id", "job", "step", "model_version", "checkpoint") if k in out}, indent=1, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-progress", action="store_true")
     i.add_argument("overrides", nargs="*", help="ingest.key=value overrides")
     i.set_defaults(func=_ingest)
+
+    t = sub.add_parser("pretrain", help="Dual-SimCLR pretraining on Ray Train + DeepSpeed")
+    t.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    t.set_defaults(func=_pretrain)
     return p
 
 

@@ -103,7 +103,9 @@ class ScaleConfig(Section):
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(2, ge=0)
-    resume: bool = True
+    resume: bool = Field(True, description="continue the latest checkpoint of a run of this name")
+    stop_at_step: int | None = Field(None, ge=1, description="end the job here (as if preempted); "
+                                     "the LR schedule still runs to optim.max_steps")
 
 
 class MLflowConfig(Section):

@@ -1,0 +1,96 @@
+"""The MLflow model registry for backbones: register, load, without pickle.
+
+A registered version is an MLflow Model folder: ``MLmodel`` (signature, flavor ``dsl``),
+``model.safetensors`` (both backbones and heads) and ``model.json`` (what rebuilds them).
+It has no ``python_function`` flavor on purpose: loading never unpickles anything, it reads
+safetensors into a model built from ``model.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from dsl.train.checkpoint import MODEL_INFO, WEIGHTS, load_weights
+
+ARTIFACT = "backbone"
+
+
+def _signature(info: dict):
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    size = info["img_size"]
+    d = info["model"]["proj_dim"]
+    return ModelSignature(
+        inputs=Schema([
+            TensorSpec(np.dtype(np.float32), (-1, info["s1_chans"], size, size), "s1"),
+            TensorSpec(np.dtype(np.float32), (-1, info["s2_chans"], size, size), "s2"),
+        ]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d), "z1"), TensorSpec(np.dtype(np.float32), (-1, d), "z2")]),
+    )
+
+
+def register_backbones(
+    weights_dir: str | Path, run_id: str, name: str, alias: str, tags: dict[str, str], tracking_uri: str
+) -> str:
+    """Log the weights folder as the run's ``backbone`` model and register it under ``name``.
+
+    Returns:
+        The new model version; ``alias`` points at it.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    _, info = load_weights(Path(weights_dir))  # refuse to register something unloadable
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / ARTIFACT
+        folder.mkdir()
+        for f in (WEIGHTS, MODEL_INFO):
+            shutil.copy(Path(weights_dir) / f, folder / f)
+        model = Model(artifact_path=ARTIFACT, run_id=run_id, signature=_signature(info))
+        model.add_flavor("dsl", weights=WEIGHTS, info=MODEL_INFO, format="safetensors")
+        model.save(str(folder / "MLmodel"))
+        client.log_artifacts(run_id, str(folder), ARTIFACT)
+    mlflow.set_tracking_uri(tracking_uri)
+    version = mlflow.register_model(f"runs:/{run_id}/{ARTIFACT}", name, tags=tags).version
+    client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def download(uri: str, tracking_uri: str) -> Path:
+    """A local folder with the model's files: ``models:/name@alias``, ``models:/name/3``,
+    ``runs:/...`` or a local folder."""
+    if Path(uri).is_dir():
+        return Path(uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="dsl-model-")))
+    except Exception as e:
+        raise ValueError(f"cannot fetch {uri} from {tracking_uri}: {e}") from None
+
+
+def load_backbones(uri: str, tracking_uri: str) -> tuple[nn.Module, dict]:
+    """The registered model, rebuilt and loaded from safetensors (strict), and its info."""
+    from dsl.config import LossConfig, ModelConfig
+    from dsl.models.dual import build_model
+
+    folder = download(uri, tracking_uri)
+    state, info = load_weights(folder)
+    model = build_model(ModelConfig(**info["model"]), LossConfig(**info["loss"]), info["s1_chans"],
+                        info["s2_chans"], img_size=info["img_size"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{uri}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.eval()
+    return model, info
+
+

@@ -1,0 +1,1 @@
+"""Pretraining on Ray Train + DeepSpeed."""
