@@ -24,13 +24,15 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 
 def read_only(root: Path) -> float:
-    """The limit: the simplest loop that reads every S1/S2 raster with rasterio and drops it."""
-    files = sorted(root.rglob("*_s1_*.tif")) + sorted(root.rglob("*_s2_*.tif"))
+    """The limit: the simplest loop that reads every pair's S1 and S2 raster with rasterio (in
+    the order ingest reads them) and drops them."""
+    s1 = sorted(root.rglob("*_s1_*.tif"))
     t0 = time.perf_counter()
-    for f in files:
-        with rasterio.open(f) as ds:
-            ds.read()
-    return (len(files) // 2) / (time.perf_counter() - t0)
+    for f in s1:
+        for path in (f, Path(str(f).replace("_s1_", "_s2_").replace("/s1_", "/s2_"))):
+            with rasterio.open(path) as ds:
+                ds.read()
+    return len(s1) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--locations", type=int, default=400)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--shard-size-mb", type=float, default=64)
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
@@ -52,23 +55,30 @@ def main() -> None:
         synthesise(raw, "sen12ms", args.locations, seed=0, size=args.size)
         init_ray(num_cpus=2)  # started once, outside the timed runs
         read_only(raw)  # warm the page cache so every variant reads from memory
-        baseline = max(read_only(raw) for _ in range(2))
-        rates = {}
-        for workers in (1, 2):
-            out = tmp / f"out{workers}"
-            t0 = time.perf_counter()
-            m = ingest(IngestConfig(source="sen12ms", input=str(raw), output=str(out), workers=workers,
-                                    shard_size_mb=args.shard_size_mb, progress=False))
-            rates[workers] = m["samples"] / (time.perf_counter() - t0)
+        # This VM's timings swing by 30-50% run to run: interleave the variants, keep each best.
+        baseline, rates, per_worker = 0.0, {1: 0.0, 2: 0.0}, 0.0
+        for rep in range(args.repeats):
+            baseline = max(baseline, read_only(raw))
+            for workers in (1, 2):
+                out = tmp / f"out{workers}-{rep}"
+                t0 = time.perf_counter()
+                m = ingest(IngestConfig(source="sen12ms", input=str(raw), output=str(out), workers=workers,
+                                        shard_size_mb=args.shard_size_mb, progress=False))
+                rates[workers] = max(rates[workers], m["samples"] / (time.perf_counter() - t0))
+                if workers == 1:  # steady state: pairs per busy second of the one worker
+                    per_worker = max(per_worker, m["samples"] / m["task_seconds"])
+                shutil.rmtree(out)
         print(json.dumps({
             "benchmark": "ingest",
-            "command": f"python benchmarks/ingest.py --locations {args.locations} --size {args.size}",
+            "command": f"python benchmarks/ingest.py --locations {args.locations} --size {args.size} --repeats {args.repeats}",
             "pairs": args.locations,
             "patch_px": args.size,
             "read_only_pairs_per_s": round(baseline, 1),
-            "ingest_1_worker_pairs_per_s": round(rates[1], 1),
-            "ingest_2_workers_pairs_per_s": round(rates[2], 1),
-            "ratio_1_worker_vs_read_only": round(rates[1] / baseline, 3),
+            "ingest_1_worker_pairs_per_s_wall": round(rates[1], 1),
+            "ingest_pairs_per_s_per_worker_busy": round(per_worker, 1),
+            "ingest_2_workers_pairs_per_s_wall": round(rates[2], 1),
+            "ratio_1_worker_wall_vs_read_only": round(rates[1] / baseline, 3),
+            "ratio_per_worker_busy_vs_read_only": round(per_worker / baseline, 3),
             "target_ratio": 0.8,
             "speedup_2_vs_1": round(rates[2] / rates[1], 3),
             "target_speedup": 1.7,

@@ -77,6 +77,7 @@ def code_version() -> str:
 
 def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     """Read, validate and write one partition; returns (and commits) its sidecar."""
+    t0 = time.perf_counter()
     source = get_source(cfg.source, cfg.tile_size)
     writer = ShardWriter(join(cfg.output, part.shard))
     s1_stats = BandStats(len(S1_BANDS), integer=False)
@@ -117,7 +118,8 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
         "stats": {"s1": s1_stats.to_json(), "s2": s2_stats.to_json() if s2_stats else None},
     }
     write_text_atomic(join(cfg.output, PARTS, part.shard + ".json"), json.dumps(sidecar))
-    return {"shard": part.shard, "samples": len(keys), "bad": len(bad), "items": len(part.items)}
+    return {"shard": part.shard, "samples": len(keys), "bad": len(bad), "items": len(part.items),
+            "seconds": time.perf_counter() - t0}
 
 
 def _plan_id(cfg: IngestConfig, items: list[PairItem], per_shard: int) -> str:
@@ -137,7 +139,8 @@ def _read_json(url: str) -> dict | None:
         return json.load(f)
 
 
-def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, already: int, listing_bad: int) -> None:
+def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, already: int, listing_bad: int) -> float:
+    """Run the partitions as Ray tasks, at most ``cfg.workers`` at once; returns task-seconds."""
     import ray
     from tqdm import tqdm
 
@@ -147,7 +150,7 @@ def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, alrea
     task = ray.remote(num_cpus=1, max_retries=2)(write_partition)
     cfg_ref = ray.put(cfg)
     bar = tqdm(total=total_items, initial=already, unit="pair", disable=not cfg.progress, desc="ingest")
-    bad = listing_bad
+    bad, busy = listing_bad, 0.0
     bar.set_postfix(bad=bad)
     pending, queue = [], list(todo)
     while queue or pending:
@@ -156,9 +159,11 @@ def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, alrea
         done, pending = ray.wait(pending, num_returns=1)
         for result in ray.get(done):
             bad += result["bad"]
+            busy += result["seconds"]
             bar.update(result["items"])
             bar.set_postfix(bad=bad)
     bar.close()
+    return busy
 
 
 def ingest(cfg: IngestConfig) -> dict:
@@ -192,8 +197,9 @@ def ingest(cfg: IngestConfig) -> dict:
     existing = {e.rsplit("/", 1)[-1] for e in existing}
     todo = [p for p in parts if p.shard + ".json" not in existing]
     already = sum(len(p.items) for p in parts if p not in todo)
+    task_seconds = 0.0
     if todo:
-        _run_tasks(cfg, todo, len(items), already, len(listing_bad))
+        task_seconds = _run_tasks(cfg, todo, len(items), already, len(listing_bad))
         fs.invalidate_cache()
 
     # Merge sidecars (the committed truth) into the manifest.
@@ -254,6 +260,7 @@ def ingest(cfg: IngestConfig) -> dict:
         },
         "shards": shards,
         "seconds": round(time.time() - t0, 3),
+        "task_seconds": round(task_seconds, 3),  # busy time of this run's partition tasks
     }
     write_text_atomic(join(cfg.output, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
