@@ -19,7 +19,7 @@ from pathlib import Path
 
 import rasterio
 
-# This file is named like the `ingest` package; drop its folder from the import path.
+# This folder holds a file named like the `ingest` package; keep it off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 

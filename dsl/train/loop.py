@@ -117,7 +117,8 @@ class MetricLogger:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train entry point. ``config``: {"cfg": resolved config tree, "run_id": MLflow run}."""
+    """Ray Train entry point. ``config``: {"cfg": resolved config tree, "run_id": MLflow run,
+    "launch_time": when the driver started (epoch seconds)}."""
     import ray.train
 
     cfg = Config.model_validate(config["cfg"])
@@ -164,6 +165,7 @@ def train_loop(config: dict) -> None:
     window: dict[str, float] = {}
     t_start = t_data = time.perf_counter()
     info = model_info(cfg, manifest, s1_chans, s2_chans)
+    first_step = True
 
     def save(final: bool, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -184,6 +186,10 @@ def train_loop(config: dict) -> None:
             if cfg.loss.name == "simclr":  # the baseline's two views: augmentations of one sensor
                 x = s2 if model.modality == "s2" else s1
                 s1, s2 = augment(x, aug), augment(x, aug)
+            if first_step:  # how long a launch takes to reach training (Ray, DeepSpeed, data)
+                logger.log({"launch_to_first_step_s": time.time() - config.get("launch_time", time.time()),
+                            "torch_threads": torch.get_num_threads()}, step)
+                first_step = False
             out1, out2 = engine(s1, s2)
             scale = getattr(model, "logit_scale", None)
             loss = loss_fn(out1.float(), out2.float(), scale)

@@ -98,6 +98,7 @@ def pretrain(cfg: Config) -> dict:
     from dsl.train.checkpoint import load_state
     from dsl.train.loop import train_loop
 
+    launch_time = time.time()
     cfg = resolve_paths(cfg)
     manifest_hash = _manifest_hash(cfg.data.shards)
     job = cfg.scale.name if cfg.scale.resume else f"{cfg.scale.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -108,7 +109,7 @@ def pretrain(cfg: Config) -> dict:
     storage_path, storage_fs = storage(cfg.scale.storage_path)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": dump_config(cfg), "run_id": run_id},
+        train_loop_config={"cfg": dump_config(cfg), "run_id": run_id, "launch_time": launch_time},
         scaling_config=ScalingConfig(
             num_workers=cfg.scale.num_workers,
             use_gpu=cfg.scale.use_gpu,
