@@ -130,12 +130,26 @@ class FinetuneConfig(Section):
 
 
 class PromoteConfig(Section):
-    metric: str = "average_accuracy"
+    """``dsl promote``/``rollback``: the gate a candidate must pass to take the champion alias.
+
+    A version's score is the mean of ``test_<metric>`` over its finished fine-tuning runs with
+    this task, label fraction and method; the candidate wins when it beats the champion's score
+    by more than ``margin``.
+    """
+
+    metric: str = Field("average_accuracy", min_length=1, description="scored as test_<metric>")
     task: Literal["single", "multi"] = "single"
-    label_fraction: float = 0.1
-    margin: float = 0.0
-    from_alias: str = "candidate"
-    to_alias: str = "champion"
+    label_fraction: float = Field(0.1, gt=0, le=1)
+    margin: float = Field(0.0, ge=0)
+    method: str = Field("dual", min_length=1, description="fine-tuning method whose runs count")
+    experiment: str | None = Field(None, description="experiment of the fine-tuning runs; None: all")
+    from_alias: str = Field("candidate", pattern=r"^[A-Za-z0-9_-]+$")
+    to_alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
+    lock: Literal["auto", "file", "registry"] = Field(
+        "auto", description="auto: a file lock beside a local store, else a lock tag in the registry")
+    lock_timeout_s: float = Field(120.0, gt=0, description="give up waiting for the lock after this")
+    lock_ttl_s: float = Field(300.0, gt=0, description="registry lock: a holder silent this long has died")
+    lock_settle_s: float = Field(1.0, ge=0, description="registry lock: wait before verifying the write")
 
 
 class Config(Section):
