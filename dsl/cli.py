@@ -53,6 +53,42 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from cluster import jobs
+
+    sid = jobs.submit(args.address, _dsl_args(args.command_line), submission_id=args.id, ship_code=not args.no_ship_code)
+    print(f"submitted {sid} to {args.address}")
+    if not args.wait:
+        return 0
+    final = jobs.wait(args.address, sid)
+    print(jobs.logs(args.address, sid)[-4000:])
+    print(f"{sid}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from cluster.schedule import run_schedule
+
+    run_schedule(args.address, args.name, _dsl_args(args.command_line), _seconds(args.every),
+                 max_runs=args.max_runs, ship_code=not args.no_ship_code)
+    return 0
+
+
+def _dsl_args(rest: list[str]) -> list[str]:
+    rest = rest[1:] if rest[:1] == ["--"] else rest
+    if not rest:
+        raise ConfigError("give the dsl command to run after --, e.g. -- pretrain --config configs/pretrain/paper.yaml")
+    return rest
+
+
+def _seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise ConfigError(f"--every {text!r} is not a duration like 30s, 15m, 6h or 1d") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
     t.set_defaults(func=_pretrain)
+
+    j = sub.add_parser("submit", help="run a dsl command on a Ray cluster (Jobs API)")
+    j.add_argument("--address", required=True, help="the cluster's dashboard URL, e.g. http://head:8265")
+    j.add_argument("--id", help="submission id (idempotency key)")
+    j.add_argument("--no-ship-code", action="store_true", help="the cluster already has DSL installed")
+    j.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
+    j.add_argument("command_line", nargs=argparse.REMAINDER, help="-- <dsl command and its arguments>")
+    j.set_defaults(func=_submit)
+
+    c = sub.add_parser("schedule", help="submit a dsl command to a Ray cluster on a fixed schedule")
+    c.add_argument("--address", required=True)
+    c.add_argument("--name", required=True, help="schedule name: submission ids are <name>-<slot>")
+    c.add_argument("--every", required=True, help="interval: 30s, 15m, 6h, 1d")
+    c.add_argument("--max-runs", type=int, help="stop after this many submissions")
+    c.add_argument("--no-ship-code", action="store_true")
+    c.add_argument("command_line", nargs=argparse.REMAINDER, help="-- <dsl command and its arguments>")
+    c.set_defaults(func=_schedule)
     return p
 
 

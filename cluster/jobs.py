@@ -1,0 +1,75 @@
+"""Submitting ``dsl`` commands to a Ray cluster through the Jobs API."""
+
+from __future__ import annotations
+
+import shlex
+import time
+from pathlib import Path
+
+from dsl.storage import storage_env
+
+REPO = Path(__file__).resolve().parents[1]
+# What a job's working directory need not carry: data, runs, environments, caches.
+EXCLUDES = [".venv", "work", ".git", ".cache", "**/__pycache__", ".pytest_cache", "*.db", "mlruns", ".whl", ".gl"]
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # ConnectionError, or a RuntimeError for a non-dashboard address
+        raise ConnectionError(f"cannot reach the Ray Jobs API at {address}: {e}") from None
+
+
+def submit(address: str, args: list[str], submission_id: str | None = None, ship_code: bool = True,
+           env: dict[str, str] | None = None) -> str:
+    """Submit ``dsl <args>`` to the cluster at ``address`` (its dashboard URL, e.g.
+    http://head:8265); returns the submission id.
+
+    Args:
+        address: Ray dashboard / Jobs API URL.
+        args: The ``dsl`` command line after ``dsl`` (e.g. ["pretrain", "--config", "..."]).
+        submission_id: Idempotency key: submitting the same id twice fails instead of
+            running twice (the scheduler uses one per slot).
+        ship_code: Upload this repository as the job's working directory (else the cluster
+            must have DSL installed).
+        env: Extra environment variables; object-storage settings (AWS_* ...) are forwarded.
+    """
+    runtime_env: dict = {"env_vars": {**storage_env(), **(env or {})}}
+    if ship_code:
+        runtime_env["working_dir"] = str(REPO)
+        runtime_env["excludes"] = EXCLUDES
+    entrypoint = "python -m dsl.cli " + " ".join(shlex.quote(a) for a in args)
+    client = _client(address)
+    deadline = time.time() + 60
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id)
+        except RuntimeError as e:
+            # a freshly started head answers before its job agent is up: transient
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+def wait(address: str, submission_id: str, timeout_s: float = 3600, poll_s: float = 2.0) -> str:
+    """Block until the job ends; returns its final status (SUCCEEDED, FAILED or STOPPED)."""
+    client = _client(address)
+    deadline = time.time() + timeout_s
+    while True:
+        status = str(client.get_job_status(submission_id).value)
+        if status in TERMINAL:
+            return status
+        if time.time() > deadline:
+            raise TimeoutError(f"job {submission_id} still {status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+
+
+def logs(address: str, submission_id: str) -> str:
+    return _client(address).get_job_logs(submission_id)
+
+
+def status(address: str, submission_id: str) -> str:
+    return str(_client(address).get_job_status(submission_id).value)
