@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-ship-code", action="store_true")
     c.add_argument("command_line", nargs=argparse.REMAINDER, help="-- <dsl command and its arguments>")
     c.set_defaults(func=_schedule)
+
+    from dsl.registry.cli import add_parsers as registry_parsers
+
+    registry_parsers(sub)  # promote, rollback, export
     return p
 
 

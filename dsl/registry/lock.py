@@ -100,16 +100,22 @@ class RegistryLock:
         return holder if isinstance(holder, dict) else None
 
     def __enter__(self) -> RegistryLock:
+        from mlflow.exceptions import MlflowException
+
         deadline = time.time() + self.timeout
         while True:
             holder = self._holder()
             if holder is None or holder.get("expires", 0) < time.time():
                 lease = json.dumps({"owner": self.token, "expires": time.time() + self.ttl})
-                self.client.set_registered_model_tag(self.name, self.key, lease)
-                time.sleep(self.settle)  # let a competing write land before we look
-                holder = self._holder()
-                if holder and holder.get("owner") == self.token:
-                    return self
+                try:
+                    self.client.set_registered_model_tag(self.name, self.key, lease)
+                except MlflowException:
+                    holder = None  # a competing write collided with ours (e.g. the same insert)
+                else:
+                    time.sleep(self.settle)  # let a competing write land before we look
+                    holder = self._holder()
+                    if holder and holder.get("owner") == self.token:
+                        return self
             if time.time() > deadline:
                 raise LockTimeout(f"registry lock '{self.key}' on model '{self.name}' still held by "
                                   f"{holder.get('owner') if holder else 'unknown'} after {self.timeout}s")
