@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads on both sides (the Ray worker gets as many CPUs)")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from mlflow import MlflowClient
@@ -74,7 +75,7 @@ def main() -> None:
         f"data.shards={tmp / 'shards'}", "data.split=null", f"data.batch_size={args.batch}",
         f"data.crop_size={args.crop}", f"model.backbone={args.backbone}", "model.proj_hidden_dim=512",
         "model.proj_dim=128", f"optim.max_steps={args.steps}", f"deepspeed.zero_stage={args.zero_stage}",
-        "scale.num_workers=1", "scale.cpus_per_worker=2", "scale.torch_threads=2", f"scale.log_every={log_every}",
+        "scale.num_workers=1", f"scale.cpus_per_worker={args.threads}", f"scale.torch_threads={args.threads}", f"scale.log_every={log_every}",
         f"scale.checkpoint_every={args.steps}", f"scale.storage_path={tmp / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", "mlflow.system_metrics=false",
     ])
@@ -91,7 +92,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "engine_overhead",
         "command": "python benchmarks/engine.py " + " ".join(sys.argv[1:]),
-        "backbone": args.backbone, "crop": args.crop, "batch": args.batch, "threads": 2,
+        "backbone": args.backbone, "crop": args.crop, "batch": args.batch, "threads": args.threads,
         "zero_stage": args.zero_stage,
         "plain_step_s": round(plain_steady, 4),
         "ray_deepspeed_step_s": round(engine_steady, 4),

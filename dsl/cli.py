@@ -139,8 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("command_line", nargs=argparse.REMAINDER, help="-- <dsl command and its arguments>")
     c.set_defaults(func=_schedule)
 
+    from dsl.finetune.cli import add_parsers as finetune_parsers
     from dsl.registry.cli import add_parsers as registry_parsers
 
+    finetune_parsers(sub)  # finetune, evaluate
     registry_parsers(sub)  # promote, rollback, export
     return p
 

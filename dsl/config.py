@@ -117,16 +117,86 @@ class MLflowConfig(Section):
     system_metrics: bool = True
 
 
+FinetuneMethod = Literal["dual", "s1", "s2", "early_fusion", "late_fusion"]
+Metric = Literal["average_accuracy", "overall_accuracy", "macro_f1", "micro_f1"]
+
+
+def _check_backbone(method: str, backbone: str, key: str) -> None:
+    """``dual`` fine-tunes a pretrained model; the supervised baselines start from scratch."""
+    if method == "dual" and backbone == "scratch":
+        raise ValueError(f"{key}: method 'dual' fine-tunes a pretrained backbone (models:/<name>@<alias>, "
+                         "models:/<name>/<version> or a folder); two backbones from scratch is 'late_fusion'")
+    if method != "dual" and backbone != "scratch":
+        raise ValueError(f"{key}: method '{method}' is a supervised baseline trained from scratch; "
+                         f"set it to 'scratch' (got '{backbone}')")
+
+
 class FinetuneConfig(Section):
-    backbone: str = "models:/dsl-dual-backbone@candidate"
-    method: Literal["dual", "s1", "s2", "early_fusion", "late_fusion"] = "dual"
+    """``dsl finetune``: train on a label fraction of ``data.split``, test on ``test_split``.
+
+    The head sits on the concatenated pooled features of the backbones. ``dual`` loads a
+    registered model (its crop size, bands and normalisation come with it); the baselines
+    (``s1``, ``s2``, ``early_fusion``: all bands in one backbone, ``late_fusion``: two backbones)
+    build ``model.*`` from scratch.
+    """
+
+    backbone: str = Field("models:/dsl-dual-backbone@candidate", min_length=1,
+                          description="models:/<name>@<alias>, models:/<name>/<version>, a folder, or scratch")
+    method: FinetuneMethod = "dual"
     task: Literal["single", "multi"] = "single"
-    label_fraction: float = Field(0.1, gt=0, le=1)
-    mode: Literal["linear", "full"] = "full"
-    epochs: int = Field(10, ge=1)
+    label_fraction: float = Field(0.1, gt=0, le=1, description="per class, chosen from the seed")
+    mode: Literal["linear", "full"] = Field("full", description="linear: frozen backbones (probe)")
+    epochs: int = Field(10, ge=1, description="passes over the selected labels")
+    steps: int | None = Field(None, ge=1, description="optimizer steps whatever the fraction; overrides epochs")
     lr: float = Field(1e-3, gt=0)
-    seed: int = 0
-    test_split: str = "val"
+    backbone_lr_scale: float = Field(1.0, gt=0, description="full mode: a pretrained backbone's lr is "
+                                     "lr x this (scratch backbones train at lr)")
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = Field(0, ge=0, description="label selection, head init, crops and order")
+    test_split: str = Field("test", description="held out: only evaluated, never used for selection")
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        _check_backbone(self.method, self.backbone, "finetune.backbone")
+        return self
+
+
+class EvaluateMethod(Section):
+    """One line of the evaluation grid: a fine-tuning method, its backbone and mode."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="label in the table and plot")
+    method: FinetuneMethod
+    backbone: str = "scratch"
+    mode: Literal["linear", "full"] = "full"
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateMethod:
+        _check_backbone(self.method, self.backbone, f"evaluate.methods[{self.name}].backbone")
+        return self
+
+
+class EvaluateConfig(Section):
+    """``dsl evaluate``: fine-tune methods x label fractions x seeds (``finetune.*`` for the
+    rest), then write the mean +- std table (markdown, CSV) and the label-fraction plot."""
+
+    methods: list[EvaluateMethod] = Field(default_factory=lambda: [
+        EvaluateMethod(name="dual-simclr", method="dual", backbone="models:/dsl-dual-backbone@candidate"),
+        *(EvaluateMethod(name=m, method=m) for m in ("late_fusion", "early_fusion", "s1", "s2")),
+    ], min_length=1)
+    label_fractions: list[float] = Field([0.01, 0.1, 0.5, 1.0], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    metric: Metric = Field("average_accuracy", description="the plotted metric")
+    output: str = Field("work/evaluate", description="local folder for the table and plot")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluate.methods: names must be unique, got {names}")
+        bad = [f for f in self.label_fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"evaluate.label_fractions: {bad[0]} is not in (0, 1]")
+        return self
 
 
 class PromoteConfig(Section):
@@ -164,6 +234,7 @@ class Config(Section):
     scale: ScaleConfig = ScaleConfig()
     mlflow: MLflowConfig = MLflowConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
 
     @model_validator(mode="after")

@@ -14,6 +14,10 @@ the DataLoader returns round-robin, so global batch ``b`` of a rank is batch ``b
 and lets it skip ``(K + w) // W`` batches as raw bytes (read but never decoded), so the resumed
 stream continues exactly where the interrupted one stopped.
 
+Subsets: ``keys`` (shard name -> keys to keep, e.g. a label fraction) restricts a stream to
+those samples. Unselected members are skipped by seeking, never read or decoded; shards without a
+selected key are never opened, and slots and epoch length count the selected samples only.
+
 Memory: the shuffle buffer holds raw samples, about 2.2 MB each for a 256 px L1C pair, per
 worker (``data.shuffle_buffer`` 1000 is ~2.2 GB per worker at that size).
 """
@@ -22,13 +26,13 @@ from __future__ import annotations
 
 import itertools
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from dsl.config import DataConfig
 from dsl.format import DFC_CLASSES, decode_npy
@@ -38,25 +42,34 @@ from .manifest import read_manifest, select_shards
 from .normalise import Normaliser
 
 Slot = tuple[list[int], int, int]  # (shard indices, stride, offset): samples j % stride == offset
+KeySelection = Mapping[str, Collection[str]]  # shard name (as in the manifest) -> keys to keep
 
 
-def _members(stream, url: str, wanted: tuple[str, ...]) -> Iterator[dict]:
+def _members(stream, url: str, wanted: tuple[str, ...], keys: Collection[str] | None = None) -> Iterator[dict]:
     """Wanted regular members of a tar stream, in order, as webdataset file samples.
 
     Seekable streams (local files, fsspec/s3fs files) are read with one exact-size read per
     member and unwanted members are skipped by seeking: webdataset's own tar iterator uses
     tarfile's stream mode, whose 10 KiB chunked reads cost more than decoding the arrays.
+    ``keys`` (None: all) also skips the members of every other sample.
     """
     mode = "r:" if stream.seekable() else "r|"
     with tarfile.open(fileobj=stream, mode=mode) as tar:
         for info in tar:
-            if info.isreg() and info.name.endswith(wanted):
+            if info.isreg() and info.name.endswith(wanted) and (keys is None or base_plus_ext(info.name)[0] in keys):
                 yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
             tar.members = []  # streaming: forget the headers already read
 
 
-def read_shard(url: str, wanted: tuple[str, ...] = ("s1.npy", "s2.npy")) -> Iterator[dict]:
+def read_shard(
+    url: str, wanted: tuple[str, ...] = ("s1.npy", "s2.npy"), keys: Collection[str] | None = None
+) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", <ext>: bytes}`` of one shard, members undecoded.
+
+    Args:
+        url: The shard.
+        wanted: Member suffixes to read; others are skipped.
+        keys: Samples to read (None: all); the others are skipped unread.
 
     Raises:
         OSError: The shard cannot be opened or is not a readable tar; names the URL.
@@ -65,7 +78,7 @@ def read_shard(url: str, wanted: tuple[str, ...] = ("s1.npy", "s2.npy")) -> Iter
         stream = gopen(url, "rb")  # local paths, file:// and (registered) fsspec URLs
     except Exception as e:
         raise OSError(f"{url}: cannot open shard: {e}") from e
-    samples = group_by_keys(_members(stream, url, wanted))
+    samples = group_by_keys(_members(stream, url, wanted, keys))
     try:
         while True:
             try:
@@ -149,12 +162,13 @@ class PairStream(IterableDataset):
         start_batch: int = 0,
         labels: bool = False,
         train: bool = True,
+        keys: KeySelection | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        shards = select_shards(manifest, cfg.split)
+        shards, self.keep = _selected(select_shards(manifest, cfg.split), keys, cfg.split)
         self.urls = [join(cfg.shards, s["name"]) for s in shards]
-        self.counts = [int(s["samples"]) for s in shards]
+        self.counts = [int(s["samples"]) if keys is None else len(k) for s, k in zip(shards, self.keep, strict=True)]
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, cfg.seed % 2**63
         self.workers = max(1, cfg.loader_workers)  # 0 workers: the main process is the one slot
         self.batch_size, self.crop, self.shuffle_buffer = cfg.batch_size, cfg.crop_size, cfg.shuffle_buffer
@@ -248,13 +262,13 @@ class PairStream(IterableDataset):
 
     def _pass(self, idx: list[int], stride: int, offset: int) -> Iterator[dict]:
         for i in idx:
-            for j, sample in enumerate(self._read(self.urls[i])):
+            for j, sample in enumerate(self._read(i)):
                 if j % stride == offset:
                     yield sample
 
-    def _read(self, url: str) -> Iterator[dict]:
+    def _read(self, i: int) -> Iterator[dict]:
         wanted = ("s1.npy", "s2.npy", "cls", "multi.npy") if self.labels else ("s1.npy", "s2.npy")
-        return read_shard(url, wanted)
+        return read_shard(self.urls[i], wanted, self.keep[i])
 
     def _member(self, sample: dict, name: str) -> bytes:
         if name not in sample:
@@ -317,14 +331,32 @@ class PairStream(IterableDataset):
         return cls, multi
 
 
-def batches_per_epoch(cfg: DataConfig, world_size: int, manifest: dict | None = None) -> int:
+def _selected(shards: list[dict], keys: KeySelection | None, split: str | None):
+    """The shards holding selected keys and each one's key set (all None without a selection)."""
+    if keys is None:
+        return shards, [None] * len(shards)
+    names = {s["name"] for s in shards}
+    unknown = sorted(set(keys) - names)
+    if unknown:
+        raise ValueError(f"key selection names shards {unknown[:3]} that are not in split {split!r}")
+    kept = [s for s in shards if keys.get(s["name"])]
+    if not kept:
+        raise ValueError(f"the key selection keeps no sample of split {split!r}")
+    return kept, [frozenset(keys[s["name"]]) for s in kept]
+
+
+def batches_per_epoch(
+    cfg: DataConfig, world_size: int, manifest: dict | None = None, keys: KeySelection | None = None
+) -> int:
     """Training batches every rank yields per epoch.
 
     ``(cfg.samples_per_epoch or the split's sample count) // (world_size * cfg.batch_size)``;
-    pass ``manifest`` to avoid reading it again.
+    pass ``manifest`` to avoid reading it again. With ``keys`` the count is the selected samples'.
     """
     if cfg.samples_per_epoch:
         total = cfg.samples_per_epoch
+    elif keys is not None:
+        total = sum(len(set(k)) for k in keys.values())
     else:
         manifest = manifest if manifest is not None else read_manifest(cfg.shards)
         total = sum(int(s["samples"]) for s in select_shards(manifest, cfg.split))
@@ -339,6 +371,8 @@ def make_loader(
     start_batch: int = 0,
     labels: bool = False,
     train: bool = True,
+    keys: KeySelection | None = None,
+    manifest: dict | None = None,
 ) -> DataLoader:
     """A DataLoader of batches ``{"s1", "s2", "key"[, "cls", "multi"]}`` for one rank.
 
@@ -350,14 +384,17 @@ def make_loader(
         labels: Also return ``cls`` (int64 [B]) and ``multi`` (float32 [B, 8]).
         train: Random crops, shuffling and exactly :func:`batches_per_epoch` full batches;
             False reads each sample of the split once, centre-cropped, in order, last batch partial.
+        keys: Only these samples (shard name -> keys), e.g. a label fraction; None: all.
+        manifest: The dataset's manifest, read from ``cfg.shards`` when None. Passing one
+            saves the read, or normalises with other statistics (a pretrained backbone's).
 
     Raises:
         FileNotFoundError: No manifest (unfinished ingest).
         ValueError: Bad split, band selection, too few samples for the ranks and workers.
     """
     register_webdataset_handlers()
-    manifest = read_manifest(cfg.shards)
-    stream = PairStream(cfg, manifest, rank, world_size, epoch, start_batch, labels, train)
+    manifest = manifest if manifest is not None else read_manifest(cfg.shards)
+    stream = PairStream(cfg, manifest, rank, world_size, epoch, start_batch, labels, train, keys)
     # batch_size=None: workers yield whole batches, which the DataLoader returns round-robin
     # (in order), the property resume relies on.
     return DataLoader(

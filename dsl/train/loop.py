@@ -9,7 +9,6 @@ save the DeepSpeed state and the stream position and report them to Ray's storag
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from dsl.data import batches_per_epoch, make_loader, read_manifest
 from dsl.losses import augment, build_loss
 from dsl.models.dual import build_model
 from dsl.train.checkpoint import DS_TAG, load_state, save_state, save_weights, use_safe_loading
+from dsl.train.launch import setup_worker
 from dsl.train.schedule import warmup_cosine
 
 
@@ -122,15 +122,7 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     cfg = Config.model_validate(config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.scale.use_gpu:
-        device = torch.device("cuda", ctx.get_local_rank())
-        torch.cuda.set_device(device)
-    else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        device = torch.device("cpu")
-    torch.set_num_threads(cfg.scale.torch_threads or max(1, int(cfg.scale.cpus_per_worker)))
+    rank, world, device = setup_worker(cfg)
     import deepspeed
 
     manifest = read_manifest(cfg.data.shards)

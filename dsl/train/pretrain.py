@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from dsl.config import Config, dump_config, flatten
+from dsl.config import Config, dump_config
 from dsl.format import MANIFEST
 from dsl.storage import filesystem, is_local, join
 from ingest.run import code_version
@@ -49,23 +49,23 @@ def storage(path: str):
     return path.removeprefix("s3://"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
-def _manifest_hash(shards: str) -> str:
+def manifest_hash(shards: str) -> str:
     fs, path = filesystem(join(shards, MANIFEST))
     if not fs.exists(path):
         raise FileNotFoundError(f"no {MANIFEST} at {shards}: the ingest did not finish")
     return hashlib.sha256(fs.cat_file(path)).hexdigest()
 
 
-def _mlflow_run(cfg: Config, job: str, manifest_hash: str) -> str:
+def _mlflow_run(cfg: Config, job: str, manifest_sha: str) -> str:
     """The job's MLflow run: the unfinished one of this job name (a resume) or a new one."""
     import mlflow
     from mlflow import MlflowClient
 
+    from dsl.train.launch import experiment_id, log_config
+
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.mlflow.experiment, artifact_location=cfg.mlflow.artifact_location)
+    exp_id = experiment_id(client, cfg)
     runs = client.search_runs([exp_id], filter_string=f"tags.`dsl.job` = '{job}'", max_results=1,
                               order_by=["attributes.start_time DESC"])
     if runs:
@@ -73,57 +73,34 @@ def _mlflow_run(cfg: Config, job: str, manifest_hash: str) -> str:
     tags = {
         "dsl.job": job,
         "dsl.manifest_url": join(cfg.data.shards, MANIFEST),
-        "dsl.manifest_sha256": manifest_hash,
+        "dsl.manifest_sha256": manifest_sha,
         "dsl.code_version": code_version(),
         "mlflow.runName": job,
     }
     run = client.create_run(exp_id, tags=tags)
-    params = flatten(dump_config(cfg))
-    items = [(k, "" if v is None else str(v)[:6000]) for k, v in params.items()]
-    from mlflow.entities import Param
-
-    for i in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
+    log_config(client, run.info.run_id, cfg)
     return run.info.run_id
 
 
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) a pretraining job; returns run id, model version and final metrics."""
     from mlflow import MlflowClient
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     from dsl.ray_utils import init_ray
     from dsl.registry import register_backbones
     from dsl.train.checkpoint import load_state
+    from dsl.train.launch import make_trainer
     from dsl.train.loop import train_loop
 
     launch_time = time.time()
     cfg = resolve_paths(cfg)
-    manifest_hash = _manifest_hash(cfg.data.shards)
+    manifest_sha = manifest_hash(cfg.data.shards)
     job = cfg.scale.name if cfg.scale.resume else f"{cfg.scale.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(cfg.scale.address, num_cpus=None if cfg.scale.address else
              max(2, int(cfg.scale.num_workers * cfg.scale.cpus_per_worker)))
-    run_id = _mlflow_run(cfg, job, manifest_hash)
+    run_id = _mlflow_run(cfg, job, manifest_sha)
     client = MlflowClient(cfg.mlflow.tracking_uri)
-    storage_path, storage_fs = storage(cfg.scale.storage_path)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": dump_config(cfg), "run_id": run_id, "launch_time": launch_time},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.scale.num_workers,
-            use_gpu=cfg.scale.use_gpu,
-            resources_per_worker={"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})},
-        ),
-        run_config=RunConfig(
-            name=job,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=cfg.scale.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
-    )
+    trainer = make_trainer(cfg, train_loop, {"cfg": dump_config(cfg), "run_id": run_id, "launch_time": launch_time}, job)
     try:
         result = trainer.fit()
     except Exception:
@@ -144,7 +121,7 @@ def pretrain(cfg: Config) -> dict:
             return out
         version = register_backbones(
             d, run_id, cfg.mlflow.registered_model, cfg.mlflow.alias,
-            {"run_id": run_id, "manifest_sha256": manifest_hash, "steps": str(state["step"]),
+            {"run_id": run_id, "manifest_sha256": manifest_sha, "steps": str(state["step"]),
              "manifest_url": join(cfg.data.shards, MANIFEST)},
             cfg.mlflow.tracking_uri,
         )

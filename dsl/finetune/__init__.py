@@ -1,0 +1,1 @@
+"""Fine-tuning and evaluation: label fractions, classifiers, metrics, the Ray Train runner."""
