@@ -7,6 +7,13 @@ import tempfile
 
 from dsl.storage import storage_env
 
+_temp_dir: str | None = None  # of the local Ray this process started, if any
+
+
+def local_temp_dir() -> str | None:
+    """The temp folder of the local Ray this process started (its processes name it)."""
+    return _temp_dir
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (a cluster) or start a local Ray bound to 127.0.0.1.
@@ -24,7 +31,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         return
     # short temp dir: Ray's unix socket paths must stay under 107 characters
-    temp_dir = tempfile.mkdtemp(prefix="dslray-", dir="/tmp")
+    global _temp_dir
+    temp_dir = _temp_dir = tempfile.mkdtemp(prefix="dslray-", dir="/tmp")
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,

@@ -109,7 +109,17 @@ def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session
 
 
 def _train_workers() -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    """Ray Train workers of the Ray this session started (children of its raylet), no other."""
+    from dsl.ray_utils import local_temp_dir
+
+    temp = local_temp_dir()
+    assert temp, "the session's Ray was not started by dsl.ray_utils.init_ray"
+
+    def ours(p: psutil.Process) -> bool:
+        return any(temp in " ".join(a.cmdline()) for a in p.parents())
+
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and ours(p)]
 
 
 def test_worker_killed_mid_run_and_run_completes(shards, tmp_path, ray_session):  # noqa: F811
