@@ -31,6 +31,9 @@ def ray_head():
     env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+                    # free ports, not Ray's fixed defaults: another Ray on this machine must not collide
+                    "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+                    "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
                     "--num-cpus", "2", "--temp-dir", temp, "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
     address = f"http://127.0.0.1:{dash}"
