@@ -28,7 +28,9 @@ def ray_head():
     port, dash = free_port(), free_port()
     # as on a real cluster, the head's `python` is the environment DSL's dependencies live in
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    marker = f"dsl-test-head-{os.getpid()}-{port}"  # inherited by every process the head starts
+    env = {**os.environ, "PATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "DSL_TEST_RAY_HEAD": marker}
     subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
                     # free ports, not Ray's fixed defaults: another Ray on this machine must not collide
@@ -46,7 +48,13 @@ def ray_head():
             assert time.time() < deadline, "Ray dashboard did not come up"
             time.sleep(0.5)
     yield address
-    mine = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+    mine = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("DSL_TEST_RAY_HEAD") == marker:
+                mine.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
     for p in mine:
         p.terminate()
     _, alive = psutil.wait_procs(mine, timeout=5)
