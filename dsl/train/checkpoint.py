@@ -1,7 +1,7 @@
 """Checkpoints without pickle: DeepSpeed state loaded with ``weights_only=True``, weights as
 safetensors, the data-stream position as JSON.
 
-DeepSpeed's own checkpoint engine unpickles (``torch.load(weights_only=False)``). Checkpoints
+DeepSpeed's own checkpoint engine loads with full unpickling enabled. Checkpoints
 are untrusted input, so the engine's loader is replaced by one that only accepts tensors,
 containers and primitives, plus the few plain DeepSpeed/torch value types listed below.
 """
