@@ -72,7 +72,7 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     matplotlib.use("Agg")  # no display on servers and workers
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7.5, 4), dpi=120)
     for name in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == name), key=lambda r: r["label_fraction"])
         x = [r["label_fraction"] for r in rs]
@@ -85,7 +85,7 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
     ax.set_xlabel("labelled fraction of the training split")
     ax.set_ylabel(f"{NAMES[metric]} (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")  # off the lines
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
