@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import s3fs
 from mlflow import MlflowClient
-from services import make_bucket, ray_session, s3_server  # noqa: F401
+from services import make_bucket
 
 from dsl.config import ConfigError, IngestConfig, load_config
 from dsl.finetune.cli import add_parsers
@@ -28,7 +28,7 @@ MODEL = "dsl-dual-backbone"
 
 
 @pytest.fixture(scope="module")
-def registered(tmp_path_factory, ray_session, s3_server):  # noqa: F811
+def registered(tmp_path_factory, ray_session, s3_server):
     """Labelled DFC2020-layout shards and a tiny backbone pretrained on them for a few steps."""
     root = tmp_path_factory.mktemp("finetune")
     make_bucket("dsl-finetune")

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import Affine
-from services import ray_session, s3_server  # noqa: F401
 
 from dsl.cli import main as cli
 from dsl.config import IngestConfig
@@ -60,7 +59,7 @@ EXPECTED = {
 }
 
 
-def test_each_defect_is_quarantined_and_valid_pairs_kept(bad_tree, tmp_path, ray_session):  # noqa: F811
+def test_each_defect_is_quarantined_and_valid_pairs_kept(bad_tree, tmp_path, ray_session):
     out = tmp_path / "shards"
     m = ingest(IngestConfig(source="sen12ms", input=str(bad_tree), output=str(out), shard_size_mb=0.02,
                             max_bad_fraction=0.6, progress=False))
@@ -78,7 +77,7 @@ def test_each_defect_is_quarantined_and_valid_pairs_kept(bad_tree, tmp_path, ray
     assert {int(k.rsplit("_p", 1)[1]) for k in kept} == set(range(len(EXPECTED), N))
 
 
-def test_too_many_bad_fails_clearly_and_keeps_valid_shards(bad_tree, tmp_path, ray_session, capsys):  # noqa: F811
+def test_too_many_bad_fails_clearly_and_keeps_valid_shards(bad_tree, tmp_path, ray_session, capsys):
     out = tmp_path / "shards"
     cfg = IngestConfig(source="sen12ms", input=str(bad_tree), output=str(out), shard_size_mb=0.02,
                        max_bad_fraction=0.1, progress=False)

@@ -10,7 +10,7 @@ import pytest
 import rasterio
 import webdataset as wds
 from rasterio.enums import Resampling
-from services import ray_session, realdata, s3_server  # noqa: F401
+from services import realdata
 
 from dsl.config import IngestConfig
 from dsl.format import S2_L1C_BANDS, S2_L2A_BANDS, decode_npy
@@ -48,7 +48,7 @@ def sen12ms_tree(tmp_path_factory):
     return root
 
 
-def test_sen12ms_real_pair_bit_for_bit(sen12ms_tree, tmp_path, ray_session):  # noqa: F811
+def test_sen12ms_real_pair_bit_for_bit(sen12ms_tree, tmp_path, ray_session):
     out = str(tmp_path / "shards")
     m = ingest(IngestConfig(source="sen12ms", input=str(sen12ms_tree), output=out, max_bad_fraction=1.0, progress=False))
     assert m["samples"] == 1 and m["bad"] == 2
@@ -93,7 +93,7 @@ def test_sen12ms_real_pair_bit_for_bit(sen12ms_tree, tmp_path, ray_session):  # 
         assert st["s1"][name]["min"] == pytest.approx(full.min()) and st["s1"][name]["max"] == pytest.approx(full.max())
 
 
-def test_bigearthnet_real_pairs(tmp_path, ray_session):  # noqa: F811
+def test_bigearthnet_real_pairs(tmp_path, ray_session):
     root = realdata("bigearthnet-mm")
     out = str(tmp_path / "ben")
     m = ingest(IngestConfig(source="bigearthnet", input=str(root), output=out, progress=False))

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from services import ray_session, s3_server  # noqa: F401
 
 from dsl.config import IngestConfig
 from ingest.run import IngestError, ingest
@@ -42,7 +41,7 @@ def raw(tmp_path_factory):
     return root
 
 
-def test_killed_ingest_resumes_exactly_once(raw, tmp_path, ray_session):  # noqa: F811
+def test_killed_ingest_resumes_exactly_once(raw, tmp_path, ray_session):
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     # Its own process group, so the kill takes the driver and the Ray it started, nothing else.
@@ -73,7 +72,7 @@ def test_killed_ingest_resumes_exactly_once(raw, tmp_path, ray_session):  # noqa
     assert str(proc.pid) not in ps
 
 
-def test_changed_input_is_refused(raw, tmp_path, ray_session):  # noqa: F811
+def test_changed_input_is_refused(raw, tmp_path, ray_session):
     out = tmp_path / "o"
     cfg = IngestConfig(source="sen12ms", input=str(raw), output=str(out), shard_size_mb=0.5, progress=False)
     first = ingest(cfg)

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import s3fs
 import webdataset as wds
-from services import make_bucket, ray_session, s3_server  # noqa: F401
+from services import make_bucket
 
 from dsl.cli import main as cli
 from dsl.storage import register_webdataset_handlers
 from ingest.synth import synthesise
 
 
-def test_s3_to_s3_and_back_with_stock_webdataset(tmp_path, ray_session, capsys):  # noqa: F811
+def test_s3_to_s3_and_back_with_stock_webdataset(tmp_path, ray_session, capsys):
     raw = tmp_path / "raw"
     synthesise(raw, "dfc2020", 12, seed=1, size=32)
     bucket = make_bucket("dsl-ingest")

@@ -11,7 +11,6 @@ import pytest
 import rasterio
 import zarr
 from affine import Affine
-from services import ray_session, s3_server  # noqa: F401
 
 from dsl.config import IngestConfig
 from dsl.format import IGNORE, dfc_remap, dfc_targets
@@ -19,7 +18,7 @@ from ingest.run import ingest
 from ingest.synth import synthesise
 
 
-def test_tar_readable_and_no_pickle(tmp_path, ray_session):  # noqa: F811
+def test_tar_readable_and_no_pickle(tmp_path, ray_session):
     raw, out = tmp_path / "raw", tmp_path / "out"
     synthesise(raw, "sen12ms", 4, seed=2, size=32)
     m = ingest(IngestConfig(source="sen12ms", input=str(raw), output=str(out), progress=False))
@@ -51,7 +50,7 @@ def test_dfc2020_targets_by_hand():
     assert dfc_targets(edge)[1][7] == 1
 
 
-def test_dfc2020_source_keeps_mask_and_targets(tmp_path, ray_session):  # noqa: F811
+def test_dfc2020_source_keeps_mask_and_targets(tmp_path, ray_session):
     raw, out = tmp_path / "raw", tmp_path / "out"
     synthesise(raw, "dfc2020", 6, seed=4, size=32)
     m = ingest(IngestConfig(source="dfc2020", input=str(raw), output=str(out), progress=False))
@@ -67,7 +66,7 @@ def test_dfc2020_source_keeps_mask_and_targets(tmp_path, ray_session):  # noqa: 
         assert s["cls"] == single == meta["label"] and s["multi.npy"].tolist() == multi.tolist()
 
 
-def test_zarr_source(tmp_path, ray_session):  # noqa: F811
+def test_zarr_source(tmp_path, ray_session):
     store = str(tmp_path / "cube.zarr")
     g = zarr.open_group(store, mode="w")
     rng = np.random.default_rng(0)
@@ -95,7 +94,7 @@ def _write(path, data, transform, crs="EPSG:32632"):
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_manifest_source_tiles_large_rasters(tmp_path, ray_session, fmt):  # noqa: F811
+def test_manifest_source_tiles_large_rasters(tmp_path, ray_session, fmt):
     rng = np.random.default_rng(1)
     t = Affine(10, 0, 500000, 0, -10, 4000000)
     s1 = rng.normal(-12, 3, size=(2, 64, 64)).astype(np.float32)

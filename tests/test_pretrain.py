@@ -20,7 +20,7 @@ import pytest
 import s3fs
 import torch
 from mlflow import MlflowClient
-from services import make_bucket, ray_session, s3_server  # noqa: F401
+from services import make_bucket
 
 from dsl.config import IngestConfig, load_config
 from dsl.registry import load_backbones
@@ -34,7 +34,7 @@ TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_session):  # noqa: F811
+def shards(tmp_path_factory, ray_session):
     root = tmp_path_factory.mktemp("pretrain")
     synthesise(root / "raw", "sen12ms", 400, seed=11, size=64)
     ingest(IngestConfig(source="sen12ms", input=str(root / "raw"), output=str(root / "shards"),
@@ -51,7 +51,7 @@ def history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in MlflowClient(cfg.mlflow.tracking_uri).get_metric_history(run_id, key)]
 
 
-def test_pretrain_learns_checkpoints_and_registers(shards, tmp_path, ray_session):  # noqa: F811
+def test_pretrain_learns_checkpoints_and_registers(shards, tmp_path, ray_session):
     cfg = tiny(tmp_path, shards, "optim.max_steps=60")
     out = pretrain(cfg)
     assert out["step"] == 60 and out["model_version"] == "1"
@@ -89,7 +89,7 @@ def test_pretrain_learns_checkpoints_and_registers(shards, tmp_path, ray_session
     assert len(client.search_model_versions(f"name='{cfg.mlflow.registered_model}'")) == 1
 
 
-def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session):  # noqa: F811
+def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session):
     # 360 train pairs / (2 ranks x 16) = 11 batches per epoch: step 7 is mid-epoch
     args = ["optim.max_steps=15", "data.batch_size=16", "scale.checkpoint_every=7", "scale.log_every=1"]
     first = pretrain(tiny(tmp_path, shards, *args, "scale.stop_at_step=7"))
@@ -122,7 +122,7 @@ def _train_workers() -> list[psutil.Process]:
             if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and ours(p)]
 
 
-def test_worker_killed_mid_run_and_run_completes(shards, tmp_path, ray_session):  # noqa: F811
+def test_worker_killed_mid_run_and_run_completes(shards, tmp_path, ray_session):
     cfg = tiny(tmp_path, shards, "optim.max_steps=40", "scale.checkpoint_every=10", "scale.name=failing")
     box: dict = {}
     thread = threading.Thread(target=lambda: box.update(out=pretrain(cfg)), daemon=True)
@@ -143,7 +143,7 @@ def test_worker_killed_mid_run_and_run_completes(shards, tmp_path, ray_session):
     assert steps[-1] == 40 and steps == sorted(steps)
 
 
-def test_pretrain_on_s3(tmp_path, ray_session, s3_server):  # noqa: F811
+def test_pretrain_on_s3(tmp_path, ray_session, s3_server):
     bucket = make_bucket("dsl-pretrain")
     raw = tmp_path / "raw"
     synthesise(raw, "sen12ms", 96, seed=12, size=64)
