@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-import dsl.losses.dual_ntxent as dual_ntxent_module
+import dsl.losses.gather as gather_module
 from dsl.config import LossConfig
 from dsl.losses import (
     ClipLoss,
@@ -106,7 +106,7 @@ def _single(name, learnable, mode=(True, True)):
     return _loss_and_grads(name, learnable, mode, inputs)
 
 
-_original_gather_for_loss = dual_ntxent_module.gather_for_loss
+_original_gather_for_loss = gather_module.gather_for_loss
 
 
 def _rank_parity(name, learnable, mode, reduce="mean", force_mode=None, unscaled=False):
@@ -115,13 +115,13 @@ def _rank_parity(name, learnable, mode, reduce="mean", force_mode=None, unscaled
     if force_mode is not None:  # bypass the constructor's refusal to show why it refuses
         loss_fn.gather_with_grad, loss_fn.local_loss = force_mode
     if unscaled:  # full-matrix mode without the xR gradient scaling
-        dual_ntxent_module.gather_for_loss = plain_gather
+        gather_module.gather_for_loss = plain_gather
     try:
         loss, grads = _loss_and_grads(
             name, learnable, mode, _rank_inputs(name, dist.get_rank()), loss_fn
         )
     finally:
-        dual_ntxent_module.gather_for_loss = _original_gather_for_loss
+        gather_module.gather_for_loss = _original_gather_for_loss
     for t in [loss, *grads.values()]:
         dist.all_reduce(t)
         if reduce == "mean":

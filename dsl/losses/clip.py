@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsl.losses.dual_ntxent import check_pair, check_temperature, inverse_temperature, normalize
-from dsl.losses.gather import check_mode, gather_for_loss, world
+from dsl.losses.gather import against_global_batch, check_mode
 
 
 class ClipLoss(nn.Module):
@@ -52,11 +52,7 @@ class ClipLoss(nn.Module):
         check_pair(z1, z2)
         scale = inverse_temperature(logit_scale, self.temperature)
         z1, z2 = normalize(z1), normalize(z2)
-        k1 = gather_for_loss(z1, self.gather_with_grad)
-        k2 = gather_for_loss(z2, self.gather_with_grad)
-        if self.local_loss:
-            return clip_loss(z1, z2, k1, k2, world()[0] * z1.shape[0], scale)
-        return clip_loss(k1, k2, k1, k2, 0, scale)
+        return against_global_batch(clip_loss, z1, z2, self.gather_with_grad, self.local_loss, scale)
 
 
 def clip_loss(

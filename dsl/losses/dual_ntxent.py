@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsl.losses.gather import check_mode, gather_for_loss, world
+from dsl.losses.gather import against_global_batch, check_mode
 
 
 def check_pair(z1: Tensor, z2: Tensor) -> None:
@@ -83,11 +83,7 @@ class DualNTXentLoss(nn.Module):
         check_pair(z1, z2)
         scale = inverse_temperature(logit_scale, self.temperature)
         z1, z2 = normalize(z1), normalize(z2)
-        k1 = gather_for_loss(z1, self.gather_with_grad)
-        k2 = gather_for_loss(z2, self.gather_with_grad)
-        if self.local_loss:
-            return dual_ntxent(z1, z2, k1, k2, world()[0] * z1.shape[0], scale)
-        return dual_ntxent(k1, k2, k1, k2, 0, scale)
+        return against_global_batch(dual_ntxent, z1, z2, self.gather_with_grad, self.local_loss, scale)
 
 
 def dual_ntxent(

@@ -103,3 +103,17 @@ def gather_for_loss(x: Tensor, gather_with_grad: bool) -> Tensor:
     if not gather_with_grad:
         x = scale_grad(x, float(world()[1]))
     return gather_features(x, gather_with_grad)
+
+
+def against_global_batch(core, q1: Tensor, q2: Tensor, gather_with_grad: bool, local_loss: bool, scale):
+    """Run a pair loss ``core(q1, q2, k1, k2, first, scale)`` over the global batch.
+
+    ``q1``/``q2`` are this rank's L2-normalised embeddings; ``k1``/``k2`` are everyone's. With
+    ``local_loss`` only this rank's rows are anchors (``first`` = their global index),
+    otherwise every rank computes the full loss. Shared by the NT-Xent and CLIP losses.
+    """
+    k1 = gather_for_loss(q1, gather_with_grad)
+    k2 = gather_for_loss(q2, gather_with_grad)
+    if local_loss:
+        return core(q1, q2, k1, k2, world()[0] * q1.shape[0], scale)
+    return core(k1, k2, k1, k2, 0, scale)
