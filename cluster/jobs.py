@@ -6,7 +6,8 @@ import shlex
 import time
 from pathlib import Path
 
-from dsl.storage import storage_env
+from dsl.contracts.config import ConfigError
+from dsl.contracts.storage import storage_env
 
 REPO = Path(__file__).resolve().parents[1]
 # What a job's working directory need not carry: data, runs, environments, caches.
@@ -25,8 +26,10 @@ def _client(address: str):
 
 def submit(address: str, args: list[str], submission_id: str | None = None, ship_code: bool = True,
            env: dict[str, str] | None = None) -> str:
-    """Submit ``dsl <args>`` to the cluster at ``address`` (its dashboard URL, e.g.
-    http://head:8265); returns the submission id.
+    """Submit ``dsl <args>`` to the Ray cluster at ``address``; returns the submission id.
+
+    ``address`` is the cluster's dashboard URL, e.g. http://head:8265. A head that is up but
+    whose job agent is not yet is retried for up to a minute.
 
     Args:
         address: Ray dashboard / Jobs API URL.
@@ -68,8 +71,34 @@ def wait(address: str, submission_id: str, timeout_s: float = 3600, poll_s: floa
 
 
 def logs(address: str, submission_id: str) -> str:
+    """Return the job's driver log so far, as one string."""
     return _client(address).get_job_logs(submission_id)
 
 
 def status(address: str, submission_id: str) -> str:
+    """Return the job's current status name (PENDING, RUNNING, SUCCEEDED, FAILED, ...)."""
     return str(_client(address).get_job_status(submission_id).value)
+
+
+def dsl_args(rest: list[str]) -> list[str]:
+    """The dsl command line after ``--``.
+
+    Raises:
+        ConfigError: Nothing after ``--``.
+    """
+    rest = rest[1:] if rest[:1] == ["--"] else rest
+    if not rest:
+        raise ConfigError("give the dsl command to run after --, e.g. -- pretrain --config configs/pretrain/paper.yaml")
+    return rest
+
+
+def command(cfg, args) -> int:
+    """``dsl submit``: submit the command after ``--``; with ``--wait``, its logs and exit status."""
+    sid = submit(args.address, dsl_args(args.command_line), submission_id=args.id, ship_code=not args.no_ship_code)
+    print(f"submitted {sid} to {args.address}")
+    if not args.wait:
+        return 0
+    final = wait(args.address, sid)
+    print(logs(args.address, sid)[-4000:])
+    print(f"{sid}: {final}")
+    return 0 if final == "SUCCEEDED" else 1

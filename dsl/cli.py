@@ -1,159 +1,224 @@
-"""The ``dsl`` command: synth, ingest, pretrain, finetune, evaluate, promote ..."""
+"""The ``dsl`` command: one table of subcommands, one way to load config and to fail.
+
+Every subcommand is declared once in :data:`COMMANDS`: its help, the config sections it reads,
+its flags (most of them shorthands for a config key) and the function that runs it, named as
+``"module:function"`` and imported only when that command runs. So ``dsl --help`` imports
+neither torch nor Ray, and this face is the only place that reaches both sides of the project
+(``ingest`` and ``cluster`` on one side, the training jobs on the other) without either side
+importing the other.
+
+Shared by every command:
+
+- config: ``--config FILE`` (YAML, any subset of the tree), then the flags, then positional
+  ``section.key=value`` overrides, validated as one tree (:mod:`dsl.contracts.config`); an
+  override of a section the command does not read is an error;
+- exits: 0 done; 2 bad input (a config key, a path, a file's content: one line naming it, no
+  traceback); 1 the job ran and failed (:class:`~dsl.contracts.errors.JobFailed`). Set
+  ``DSL_TRACEBACK=1`` to see the traceback of a reported error too.
+
+A command function has the signature ``run(cfg: Config, args: argparse.Namespace) -> int | None``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from dsl.config import ConfigError, load_config
+from dsl.contracts.config import Config, ConfigError, load_config
+from dsl.contracts.errors import JobFailed
 
-
-def _ingest(args: argparse.Namespace) -> int:
-    from ingest.run import IngestError, ingest
-
-    flags = {
-        "source": args.source, "input": args.input, "output": args.output, "workers": args.workers,
-        "address": args.address, "shard_size_mb": args.shard_size_mb, "max_bad_fraction": args.max_bad_fraction,
-        "prefix": args.prefix, "val_fraction": args.val_fraction, "tile_size": args.tile_size,
-    }
-    # JSON values are valid YAML, so paths and URLs stay strings through the override parser
-    overrides = [f"ingest.{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
-    if args.no_progress:
-        overrides.append("ingest.progress=false")
-    cfg = load_config(args.config, overrides + args.overrides).ingest
-    if not cfg.input:
-        raise ConfigError("ingest.input is required (--input PATH_OR_URL)")
-    try:
-        manifest = ingest(cfg)
-    except (IngestError, FileNotFoundError, ValueError) as e:
-        print(f"dsl ingest: error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"wrote {manifest['samples']} pairs in {len(manifest['shards'])} shards "
-        f"({manifest['samples_by_split']}), {manifest['bad']} quarantined, to {cfg.output}"
-    )
-    return 0
+PIPELINE = ("data", "model", "loss", "optim", "deepspeed", "scale", "mlflow")
+FINETUNE = ("data", "model", "deepspeed", "scale", "mlflow", "finetune")
 
 
-def _synth(args: argparse.Namespace) -> int:
-    from ingest.synth import synthesise
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag.
 
-    n = synthesise(args.out, args.layout, args.locations, args.seed, args.size)
-    print(f"wrote {n} synthetic {args.layout} locations to {args.out}")
-    return 0
+    Args:
+        names: As argparse takes them (``"--input"``, or a positional name).
+        key: The config key it sets (``"ingest.input"``); None: passed to the command as-is.
+        options: argparse keyword arguments (type, choices, action, default, required ...).
+    """
 
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from dsl.train.pretrain import pretrain
-
-    cfg = load_config(args.config, args.overrides)
-    out = pretrain(cfg)
-    print(json.dumps({k: out[k] for k in ("run_id", "job", "step", "model_version", "checkpoint") if k in out}, indent=1, default=str))
-    return 0
-
-
-def _submit(args: argparse.Namespace) -> int:
-    from cluster import jobs
-
-    sid = jobs.submit(args.address, _dsl_args(args.command_line), submission_id=args.id, ship_code=not args.no_ship_code)
-    print(f"submitted {sid} to {args.address}")
-    if not args.wait:
-        return 0
-    final = jobs.wait(args.address, sid)
-    print(jobs.logs(args.address, sid)[-4000:])
-    print(f"{sid}: {final}")
-    return 0 if final == "SUCCEEDED" else 1
+    names: tuple[str, ...]
+    help: str = ""
+    key: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-def _schedule(args: argparse.Namespace) -> int:
-    from cluster.schedule import run_schedule
+@dataclass(frozen=True)
+class Command:
+    """One ``dsl`` subcommand.
 
-    run_schedule(args.address, args.name, _dsl_args(args.command_line), _seconds(args.every),
-                 max_runs=args.max_runs, ship_code=not args.no_ship_code)
-    return 0
+    Args:
+        name: ``dsl <name>``.
+        help: One line for ``dsl --help``.
+        run: ``"module:function"`` that runs it, imported when it runs.
+        sections: Config sections it reads; () for a command without config.
+        config: ``required``, ``optional`` or a default file; ignored without sections.
+        flags: Its flags.
+    """
+
+    name: str
+    help: str
+    run: str
+    sections: tuple[str, ...] = ()
+    config: str = "optional"
+    flags: tuple[Flag, ...] = ()
 
 
-def _dsl_args(rest: list[str]) -> list[str]:
-    rest = rest[1:] if rest[:1] == ["--"] else rest
-    if not rest:
-        raise ConfigError("give the dsl command to run after --, e.g. -- pretrain --config configs/pretrain/paper.yaml")
-    return rest
+def _f(*names: str, key: str | None = None, help: str = "", **options: Any) -> Flag:
+    return Flag(tuple(names), help, key, options)
 
 
-def _seconds(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
-    except (ValueError, IndexError):
-        raise ConfigError(f"--every {text!r} is not a duration like 30s, 15m, 6h or 1d") from None
+_REMAINDER = _f("command_line", nargs=argparse.REMAINDER, help="-- <dsl command and its arguments>")
+
+COMMANDS: tuple[Command, ...] = (
+    Command("synth", "write a synthetic SEN12MS/DFC2020 GeoTIFF tree", "ingest.synth:command", flags=(
+        _f("--out", required=True),
+        _f("--layout", choices=["sen12ms", "dfc2020"], default="sen12ms"),
+        _f("--locations", type=int, default=64),
+        _f("--seed", type=int, default=0),
+        _f("--size", type=int, default=256, help="patch size in pixels"),
+    )),
+    Command("ingest", "raw pairs -> WebDataset shards + manifest.json", "ingest.run:command", ("ingest",), flags=(
+        _f("--source", key="ingest.source", choices=["sen12ms", "dfc2020", "bigearthnet", "zarr", "table",
+                                                    "manifest"]),
+        _f("--input", key="ingest.input", help="path or URL of the input tree / zarr group / pair table"),
+        _f("--output", key="ingest.output", help="local folder, file:// or s3:// URL for the shards"),
+        _f("--workers", key="ingest.workers", type=int, help="Ray tasks at once"),
+        _f("--address", key="ingest.address", help="Ray cluster address (default: a local Ray)"),
+        _f("--shard-size-mb", key="ingest.shard_size_mb", type=float),
+        _f("--max-bad-fraction", key="ingest.max_bad_fraction", type=float),
+        _f("--prefix", key="ingest.prefix"),
+        _f("--val-fraction", key="ingest.val_fraction", type=float,
+           help="hold out this fraction of locations as split 'val'"),
+        _f("--tile-size", key="ingest.tile_size", type=int),
+        _f("--no-progress", key="ingest.progress", action="store_false", default=None),
+    )),
+    Command("pretrain", "Dual-SimCLR pretraining on Ray Train + DeepSpeed", "dsl.train.pretrain:command",
+            PIPELINE, "required"),
+    Command("finetune", "fine-tune a registered backbone (or a scratch baseline) on a label fraction, test "
+            "it, log to MLflow", "dsl.finetune.runner:command", FINETUNE, "required"),
+    Command("evaluate", "methods x label fractions x seeds: results table and label-fraction plot",
+            "dsl.evaluate.grid:command", (*FINETUNE, "evaluate"), "required"),
+    Command("promote", "move the champion alias to the candidate if it passes the gate",
+            "dsl.registry.promote:promote_command", ("promote", "mlflow")),
+    Command("rollback", "give the champion alias back to its previous holder",
+            "dsl.registry.promote:rollback_command", ("promote", "mlflow")),
+    Command("export", "write a registered backbone as a timm state dict (safetensors)",
+            "dsl.registry.export:command", ("mlflow",), flags=(
+                _f("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a folder"),
+                _f("--modality", required=True, choices=["s1", "s2"]),
+                _f("--out", required=True, help="FILE.safetensors; FILE.json is written beside it"),
+                _f("--tracking-uri", key="mlflow.tracking_uri", help="default: mlflow.tracking_uri of --config"),
+            )),
+    Command("submit", "run a dsl command on a Ray cluster (Jobs API)", "cluster.jobs:command", flags=(
+        _f("--address", required=True, help="the cluster's dashboard URL, e.g. http://head:8265"),
+        _f("--id", help="submission id (idempotency key)"),
+        _f("--no-ship-code", action="store_true", help="the cluster already has DSL installed"),
+        _f("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded"),
+        _REMAINDER,
+    )),
+    Command("schedule", "submit a dsl command to a Ray cluster on a fixed schedule", "cluster.schedule:command",
+            flags=(
+                _f("--address", required=True),
+                _f("--name", required=True, help="schedule name: submission ids are <name>-<slot>"),
+                _f("--every", required=True, help="interval: 30s, 15m, 6h, 1d"),
+                _f("--max-runs", type=int, help="stop after this many submissions"),
+                _f("--no-ship-code", action="store_true"),
+                _REMAINDER,
+            )),
+    Command("demo", "the whole pipeline on embedded defaults (what `make demo` runs)", "dsl.demo:command", flags=(
+        _f("--work", default="work", help="folder for data, shards, runs and the MLflow store"),
+        _f("--locations", type=int, default=2048, help="synthetic unlabelled locations"),
+        _f("--labelled", type=int, default=800, help="synthetic labelled DFC2020-layout locations"),
+    )),
+)
+BY_NAME = {c.name: c for c in COMMANDS}
+
+
+def resolve(target: str) -> Callable:
+    """The function a ``"module:function"`` target names."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsl", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("synth", help="write a synthetic SEN12MS/DFC2020 GeoTIFF tree")
-    s.add_argument("--out", required=True)
-    s.add_argument("--layout", choices=["sen12ms", "dfc2020"], default="sen12ms")
-    s.add_argument("--locations", type=int, default=64)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=256, help="patch size in pixels")
-    s.set_defaults(func=_synth)
-
-    i = sub.add_parser("ingest", help="raw pairs -> WebDataset shards + manifest.json")
-    i.add_argument("--config", default=None, help="YAML with an ingest: section")
-    i.add_argument("--source", choices=["sen12ms", "dfc2020", "bigearthnet", "zarr", "manifest"])
-    i.add_argument("--input", help="path or URL of the input tree / zarr group / manifest file")
-    i.add_argument("--output", help="local folder, file:// or s3:// URL for the shards")
-    i.add_argument("--workers", type=int, help="Ray tasks at once")
-    i.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    i.add_argument("--shard-size-mb", type=float)
-    i.add_argument("--max-bad-fraction", type=float)
-    i.add_argument("--prefix")
-    i.add_argument("--val-fraction", type=float, help="hold out this fraction of locations as split 'val'")
-    i.add_argument("--tile-size", type=int)
-    i.add_argument("--no-progress", action="store_true")
-    i.add_argument("overrides", nargs="*", help="ingest.key=value overrides")
-    i.set_defaults(func=_ingest)
-
-    t = sub.add_parser("pretrain", help="Dual-SimCLR pretraining on Ray Train + DeepSpeed")
-    t.add_argument("--config", required=True, help="configs/pretrain/<name>.yaml")
-    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
-    t.set_defaults(func=_pretrain)
-
-    j = sub.add_parser("submit", help="run a dsl command on a Ray cluster (Jobs API)")
-    j.add_argument("--address", required=True, help="the cluster's dashboard URL, e.g. http://head:8265")
-    j.add_argument("--id", help="submission id (idempotency key)")
-    j.add_argument("--no-ship-code", action="store_true", help="the cluster already has DSL installed")
-    j.add_argument("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded")
-    j.add_argument("command_line", nargs=argparse.REMAINDER, help="-- <dsl command and its arguments>")
-    j.set_defaults(func=_submit)
-
-    c = sub.add_parser("schedule", help="submit a dsl command to a Ray cluster on a fixed schedule")
-    c.add_argument("--address", required=True)
-    c.add_argument("--name", required=True, help="schedule name: submission ids are <name>-<slot>")
-    c.add_argument("--every", required=True, help="interval: 30s, 15m, 6h, 1d")
-    c.add_argument("--max-runs", type=int, help="stop after this many submissions")
-    c.add_argument("--no-ship-code", action="store_true")
-    c.add_argument("command_line", nargs=argparse.REMAINDER, help="-- <dsl command and its arguments>")
-    c.set_defaults(func=_schedule)
-
-    from dsl.finetune.cli import add_parsers as finetune_parsers
-    from dsl.registry.cli import add_parsers as registry_parsers
-
-    finetune_parsers(sub)  # finetune, evaluate
-    registry_parsers(sub)  # promote, rollback, export
+    """``dsl``'s argument parser, built from :data:`COMMANDS`."""
+    p = argparse.ArgumentParser(prog="dsl", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for c in COMMANDS:
+        reads = f"Config sections: {', '.join(c.sections)}." if c.sections else ""
+        s = sub.add_parser(c.name, help=c.help, description=f"{c.help}. {reads}".strip())
+        if c.sections:
+            s.add_argument("--config", required=c.config == "required",
+                           default=None if c.config in ("required", "optional") else c.config,
+                           help=f"YAML with {', '.join(c.sections)} sections")
+        for f in c.flags:
+            s.add_argument(*f.names, help=f.help, **({"dest": _dest(f)} if f.key and f.names[0].startswith("-")
+                                                      else {}), **f.options)
+        if c.sections:
+            s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return p
 
 
+def _dest(flag: Flag) -> str:
+    return "flag:" + flag.key
+
+
+def _overrides(command: Command, args: argparse.Namespace) -> list[str]:
+    """The flags' config keys, then the positional overrides, as ``key=value`` strings."""
+    out = []
+    for f in command.flags:
+        value = getattr(args, _dest(f), None) if f.key else None
+        if value is not None:
+            # JSON values are valid YAML, so paths and URLs stay strings through the override parser
+            out.append(f"{f.key}={json.dumps(value)}")
+    for text in args.overrides:
+        section = text.split("=", 1)[0].split(".", 1)[0]
+        if "=" in text and section not in command.sections:
+            raise ConfigError(f"override '{text}': dsl {command.name} does not read section '{section}' "
+                              f"(it reads {', '.join(command.sections)})")
+        out.append(text)
+    return out
+
+
+def load(command: Command, args: argparse.Namespace) -> Config:
+    """The config tree ``command`` runs with (defaults when it reads no sections)."""
+    if not command.sections:
+        return Config()
+    return load_config(args.config, _overrides(command, args))
+
+
+def _fail(name: str, kind: str, e: BaseException, code: int) -> int:
+    print(f"dsl {name}: {kind}: {e}", file=sys.stderr)
+    if os.environ.get("DSL_TRACEBACK"):
+        traceback.print_exception(e)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``dsl <argv>``; returns the exit code."""
     args = build_parser().parse_args(argv)
+    command = BY_NAME[args.command]
     try:
-        return args.func(args)
+        cfg = load(command, args)
+        return int(resolve(command.run)(cfg, args) or 0)
     except ConfigError as e:
-        print(f"dsl {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(command.name, "config error", e, 2)
+    except (JobFailed, TimeoutError) as e:
+        return _fail(command.name, "error", e, 1)
+    except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as e:
+        return _fail(command.name, "error", e, 2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``make demo``: the whole pipeline on embedded defaults.
+"""``dsl demo`` (what ``make demo`` runs): the whole pipeline on embedded defaults.
 
 Local folder as the object store, a local Ray, a sqlite MLflow store, all under ``--work``:
 synthesise -> ingest -> pretrain (2 CPU Ray workers, DeepSpeed ZeRO-2) -> register ->
@@ -12,23 +12,21 @@ import argparse
 import time
 from pathlib import Path
 
-from dsl.config import IngestConfig, load_config
+from dsl.cli import resolve
+from dsl.contracts.config import Config, IngestConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--work", default="work", help="folder for data, shards, runs and the MLflow store")
-    p.add_argument("--locations", type=int, default=2048, help="synthetic unlabelled locations")
-    p.add_argument("--labelled", type=int, default=800, help="synthetic labelled DFC2020-layout locations")
-    args = p.parse_args()
+def command(_: Config, args: argparse.Namespace) -> int:
+    """Run every stage in order under ``--work``, printing what each produced."""
     work = Path(args.work).resolve()
     t0 = time.time()
 
     from dsl.train.pretrain import pretrain
-    from ingest.run import ingest
-    from ingest.synth import synthesise
+
+    # the data side, reached the way the command table reaches it (dsl never imports ingest)
+    ingest, synthesise = resolve("ingest.run:ingest"), resolve("ingest.synth:synthesise")
 
     raw = work / "raw" / "sen12ms"
     if not raw.exists():
@@ -38,8 +36,8 @@ def main() -> None:
     print(f"[2/6] ingesting {raw} -> {shards} (local Ray, 2 workers)", flush=True)
     m = ingest(IngestConfig(source="sen12ms", input=str(raw), output=str(shards), workers=2,
                             shard_size_mb=4, val_fraction=0.1, progress=False))
-    print(f"      {m['samples']} pairs in {len(m['shards'])} shards {m['samples_by_split']}, "
-          f"{m['bad']} quarantined; manifest: {shards / 'manifest.json'}", flush=True)
+    print(f"      {m.samples} pairs in {len(m.shards)} shards {m.samples_by_split}, "
+          f"{m.bad} quarantined; manifest: {shards / 'manifest.json'}", flush=True)
 
     db = work / "mlflow.db"
     cfg = load_config(REPO / "configs" / "pretrain" / "tiny.yaml", [
@@ -61,9 +59,9 @@ def main() -> None:
     print(f"[4/6] labelled DFC2020-layout data: {args.labelled} locations -> {dfc}", flush=True)
     m = ingest(IngestConfig(source="dfc2020", input=str(dfc_raw), output=str(dfc), workers=2, shard_size_mb=4,
                             progress=False))
-    print(f"      {m['samples_by_split']}", flush=True)
+    print(f"      {m.samples_by_split}", flush=True)
 
-    from dsl.finetune.evaluate import evaluate
+    from dsl.evaluate.grid import evaluate
 
     ev = load_config(REPO / "configs" / "evaluate" / "tiny.yaml", [
         f"data.shards={dfc}", f"scale.storage_path={work / 'ray_results'}", f"mlflow.tracking_uri=sqlite:///{db}",
@@ -86,7 +84,4 @@ def main() -> None:
     print(f"\nMLflow store: {db}\n  open its UI with: .venv/bin/mlflow ui --backend-store-uri sqlite:///{db} "
           f"--host 127.0.0.1 --port 5000")
     print(f"demo finished in {time.time() - t0:.0f} s")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

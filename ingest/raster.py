@@ -9,7 +9,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.io import MemoryFile
 
-from dsl.storage import is_local, local_path
+from dsl.contracts.storage import is_local, local_path
 
 
 class BadInput(Exception):
@@ -23,6 +23,16 @@ class BadInput(Exception):
 
 @dataclass
 class Raster:
+    """One raster read into memory, with the georeferencing needed to check pairs align.
+
+    Attributes:
+        path: The URL or path it was read from (named in errors).
+        data: Pixels [bands, H, W] in the file's dtype.
+        crs: The CRS as a string (e.g. ``EPSG:32632``), or None when the file has none.
+        transform: The affine geotransform's six coefficients (a, b, c, d, e, f).
+        nodata: The file's nodata value, or None.
+    """
+
     path: str
     data: np.ndarray  # [bands, H, W]
     crs: str | None
@@ -31,6 +41,7 @@ class Raster:
 
     @property
     def grid(self) -> tuple:
+        """(CRS, transform rounded to 1e-9, (H, W)): equal for rasters on the same pixel grid."""
         return (self.crs, tuple(round(v, 9) for v in self.transform), self.data.shape[1:])
 
 

@@ -9,17 +9,18 @@ any half-written shard, so a killed run resumed ends with the same samples as a 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
-import subprocess
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import dsl
-from dsl.config import IngestConfig
-from dsl.format import FORMAT_VERSION, MANIFEST, S1_BANDS, shard_name
-from dsl.storage import filesystem, join
+from dsl.contracts.config import Config, ConfigError, IngestConfig
+from dsl.contracts.errors import JobFailed
+from dsl.contracts.manifest import Manifest
+from dsl.contracts.provenance import code_version
+from dsl.contracts.shard_format import FORMAT_VERSION, MANIFEST, S1_BANDS, shard_name
+from dsl.contracts.storage import filesystem, join
 from ingest.raster import BadInput
 from ingest.sources import BadRecord, PairItem, get_source
 from ingest.stats import BandStats
@@ -28,18 +29,27 @@ from ingest.writer import ShardWriter, sample_members, write_text_atomic
 PARTS = "_parts"
 
 
-class IngestError(RuntimeError):
+class IngestError(JobFailed):
     """The run cannot complete as asked (changed input, too many bad inputs ...)."""
 
 
 @dataclass(frozen=True)
 class Partition:
+    """A fixed slice of the plan: the items that go into one shard of one split.
+
+    Attributes:
+        split: The split the items were assigned to, or None without splits.
+        index: The shard's number within its split.
+        items: The items, in key order.
+    """
+
     split: str | None
     index: int
     items: tuple[PairItem, ...]
 
     @property
     def shard(self) -> str:
+        """The shard's file name; its sidecar is ``_parts/<shard>.json``."""
         return shard_name(self._prefix, self.split, self.index)
 
     _prefix: str = "pairs"
@@ -54,6 +64,11 @@ def assign_split(item: PairItem, val_fraction: float) -> str | None:
 
 
 def plan_partitions(items: list[PairItem], per_shard: int, val_fraction: float, prefix: str) -> list[Partition]:
+    """Cut the items into partitions of at most ``per_shard``, per split, in key order.
+
+    The result depends only on the items and the options, so a resumed run plans the same
+    partitions (and shard names) as the interrupted one.
+    """
     by_split: dict[str | None, list[PairItem]] = {}
     for it in sorted(items, key=lambda i: i.key):
         by_split.setdefault(assign_split(it, val_fraction), []).append(it)
@@ -63,16 +78,6 @@ def plan_partitions(items: list[PairItem], per_shard: int, val_fraction: float, 
         for i in range(0, len(group), per_shard):
             parts.append(Partition(split, i // per_shard, tuple(group[i : i + per_shard]), prefix))
     return parts
-
-
-def code_version() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        rev = ""
-    return f"{dsl.__version__}+{rev}" if rev else dsl.__version__
 
 
 def write_partition(cfg: IngestConfig, part: Partition) -> dict:
@@ -144,7 +149,7 @@ def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, alrea
     import ray
     from tqdm import tqdm
 
-    from dsl.ray_utils import init_ray
+    from dsl.runtime.ray_start import init_ray  # the one runtime module ingest uses: Ray start/join
 
     init_ray(cfg.address, num_cpus=None if cfg.address else cfg.workers)
     task = ray.remote(num_cpus=1, max_retries=2)(write_partition)
@@ -166,7 +171,7 @@ def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, alrea
     return busy
 
 
-def ingest(cfg: IngestConfig) -> dict:
+def ingest(cfg: IngestConfig) -> Manifest:
     """Run (or resume) an ingest; returns the manifest.
 
     Raises:
@@ -240,7 +245,7 @@ def ingest(cfg: IngestConfig) -> dict:
     for s in shards:
         splits.setdefault(s["split"] or "all", 0)
         splits[s["split"] or "all"] += s["samples"]
-    manifest = {
+    manifest = Manifest.model_validate({
         "format_version": FORMAT_VERSION,
         "source": cfg.source,
         "input": cfg.input,
@@ -261,6 +266,16 @@ def ingest(cfg: IngestConfig) -> dict:
         "shards": shards,
         "seconds": round(time.time() - t0, 3),
         "task_seconds": round(task_seconds, 3),  # busy time of this run's partition tasks
-    }
-    write_text_atomic(join(cfg.output, MANIFEST), json.dumps(manifest, indent=1))
+    })
+    write_text_atomic(join(cfg.output, MANIFEST), manifest.to_json())
     return manifest
+
+
+def command(cfg: Config, args: argparse.Namespace) -> int:
+    """``dsl ingest``: run the ingest of ``cfg.ingest`` and print what it wrote."""
+    if not cfg.ingest.input:
+        raise ConfigError("ingest.input is required (--input PATH_OR_URL)")
+    m = ingest(cfg.ingest)
+    print(f"wrote {m.samples} pairs in {len(m.shards)} shards ({m.samples_by_split}), {m.bad} quarantined, "
+          f"to {cfg.ingest.output}")
+    return 0

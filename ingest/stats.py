@@ -28,6 +28,14 @@ def _unb64(text: str) -> np.ndarray:
 
 
 class BandStats:
+    """Running per-band statistics of the patches of one sensor (see the module docstring).
+
+    Args:
+        bands: Number of bands (the patches' first axis).
+        integer: Integer data (S2 uint16: exact histogram) rather than float (S1 dB: running
+            moments and a binned histogram).
+    """
+
     def __init__(self, bands: int, integer: bool):
         self.integer = integer
         self.nbins = INT_BINS if integer else FLOAT_RANGE[2]
@@ -77,6 +85,7 @@ class BandStats:
         self.n = total
 
     def merge(self, other: BandStats) -> None:
+        """Add another partition's statistics to these, in place."""
         other._flush()
         self.hist += other.hist
         self.min = np.minimum(self.min, other.min)
@@ -85,8 +94,11 @@ class BandStats:
             self._merge_moments(other.n, other.mean, other.m2)
 
     def to_json(self) -> dict:
-        """JSON-safe state; sparse histograms as base64 int64 arrays (a list of ints costs
-        tens of ms per partition to write and parse)."""
+        """Return the state as JSON-safe data, for a partition's sidecar.
+
+        Histograms are stored sparse, as base64 int64 arrays of the nonzero bins and their
+        counts: a list of ints costs tens of ms per partition to write and parse.
+        """
         self._flush()
         nz = [np.flatnonzero(h) for h in self.hist]
         return {
@@ -102,6 +114,7 @@ class BandStats:
 
     @classmethod
     def from_json(cls, d: dict) -> BandStats:
+        """Rebuild statistics from :meth:`to_json`'s output."""
         s = cls(d["bands"], d["integer"])
         for b, (idx, counts) in enumerate(d["hist"]):
             s.hist[b, _unb64(idx)] = _unb64(counts)

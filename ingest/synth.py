@@ -45,6 +45,11 @@ def land_cover(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render(rng: np.random.Generator, lc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Render one location's S1 (float32 [2, H, W], dB) and S2 (uint16 [13, H, W]) from its map.
+
+    Both come from the class signatures of the land-cover map ``lc`` with independent noise:
+    per-location gain and texture plus Gaussian noise for S2, speckle and an offset for S1.
+    """
     idx = lc.astype(np.int64) - 1
     gain = rng.uniform(0.85, 1.15)  # per-location illumination: a nuisance, not a signal
     texture = 1.0 + 0.08 * rng.standard_normal(lc.shape)
@@ -94,3 +99,10 @@ def synthesise(out: str | Path, layout: str = "sen12ms", locations: int = 64, se
             for sensor, data in parts.items():
                 _write(out / season / f"{sensor}_0" / f"{season}_{sensor}_0_p{i}.tif", data, transform, crs)
     return locations
+
+
+def command(cfg, args) -> int:
+    """``dsl synth``: write the tree ``--out``, ``--layout``, ``--locations``, ``--seed``, ``--size`` ask for."""
+    n = synthesise(args.out, args.layout, args.locations, args.seed, args.size)
+    print(f"wrote {n} synthetic {args.layout} locations to {args.out}")
+    return 0

@@ -16,8 +16,8 @@ import uuid
 
 import numpy as np
 
-from dsl.format import encode_json
-from dsl.storage import filesystem
+from dsl.contracts.shard_format import encode_json
+from dsl.contracts.storage import filesystem
 from ingest.sources.base import Pair
 
 BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
@@ -32,6 +32,11 @@ def npy_chunks(array: np.ndarray) -> list:
 
 
 def sample_members(pair: Pair, split: str | None) -> list[tuple[str, list]]:
+    """Return a pair's tar members ``(<key>.<ext>, chunks)`` in the shard format.
+
+    The members are s1.npy, s2.npy, for labelled pairs dfc.npy, cls and multi.npy, and last the
+    json metadata, which records ``split``.
+    """
     meta = dict(pair.meta)
     meta["split"] = split
     members = [("s1.npy", npy_chunks(pair.s1)), ("s2.npy", npy_chunks(pair.s2))]
@@ -73,6 +78,7 @@ class ShardWriter:
         self.bytes += len(data)
 
     def add(self, members: list[tuple[str, list]]) -> None:
+        """Append one sample's members (from :func:`sample_members`) to the tar."""
         for name, chunks in members:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = sum(len(c) for c in chunks), 0o444, 0  # mtime 0: same bytes on rerun
@@ -89,6 +95,7 @@ class ShardWriter:
         return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.count}
 
     def commit(self) -> dict:
+        """Finish the tar and publish it at ``url``; returns its bytes, sha256 and samples."""
         info = self._close()
         try:
             if self.local:
@@ -101,6 +108,7 @@ class ShardWriter:
         return info
 
     def abort(self) -> None:
+        """Close and delete the temp file; nothing is published."""
         if not self._file.closed:
             self._file.close()
         if os.path.exists(self.tmp_path):

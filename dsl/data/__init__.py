@@ -1,6 +1,9 @@
-"""Reading shards for training: manifest, normalisation and the streaming pair loader."""
+"""Reading shards for training: normalisation, augmentations and the streaming pair loader.
 
-from dsl.data.manifest import read_manifest, select_shards, shard_urls, split_samples
+The manifest itself is a contract: :mod:`dsl.contracts.manifest`.
+"""
+
+from dsl.data.augment import augment
 from dsl.data.normalise import BandTransform, Normaliser
 from dsl.data.pairs import PairStream, assign_slots, batches_per_epoch, make_loader
 
@@ -9,10 +12,7 @@ __all__ = [
     "Normaliser",
     "PairStream",
     "assign_slots",
+    "augment",
     "batches_per_epoch",
     "make_loader",
-    "read_manifest",
-    "select_shards",
-    "shard_urls",
-    "split_samples",
 ]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dsl.contracts.manifest import Manifest
+
 S1_CLIP = (-25.0, 0.0)
 S2_CLIP = (0.0, 10000.0)
 
@@ -39,6 +41,7 @@ class BandTransform:
 
     @property
     def channels(self) -> int:
+        """Output channels: the number of selected bands."""
         return self.offset.shape[0]
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -84,17 +87,17 @@ def _transform(offset, scale, idx: np.ndarray, n_bands: int, clip=None) -> BandT
     )
 
 
-def _stats(manifest: dict, sensor: str) -> tuple[np.ndarray, np.ndarray]:
-    names = manifest["bands"][sensor]
-    stats = manifest["stats"].get(sensor) or {}
+def _stats(manifest: Manifest, sensor: str) -> tuple[np.ndarray, np.ndarray]:
+    names = getattr(manifest.bands, sensor) or []
+    stats = getattr(manifest.stats, sensor) or {}
     missing = [n for n in names if n not in stats]
     if missing:
         raise ValueError(
             f"manifest.json: stats.{sensor} has no statistics for bands {missing}; "
             "use data.normalisation=clip or re-ingest"
         )
-    mean = np.array([stats[n]["mean"] for n in names], dtype=np.float64)
-    std = np.array([stats[n]["std"] for n in names], dtype=np.float64)
+    mean = np.array([stats[n].mean for n in names], dtype=np.float64)
+    std = np.array([stats[n].std for n in names], dtype=np.float64)
     # A constant band (std 0) carries no signal: centre it and leave its scale alone.
     std[~(std > 0)] = 1.0
     return mean, std
@@ -116,12 +119,13 @@ class Normaliser:
         return self.s1.channels, self.s2.channels
 
     def __call__(self, s1: np.ndarray, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Normalise one raw S1 and one raw S2 array; returns new float32 arrays."""
         return self.s1(s1), self.s2(s2)
 
     @classmethod
     def from_manifest(
         cls,
-        manifest: dict,
+        manifest: Manifest,
         scheme: str = "manifest",
         s1_bands: list[int] | None = None,
         s2_bands: list[int] | None = None,
@@ -129,16 +133,18 @@ class Normaliser:
         """Build from a manifest's band names (and statistics for the ``manifest`` scheme).
 
         Args:
-            manifest: As returned by :func:`dsl.data.read_manifest`.
+            manifest: As returned by :func:`dsl.contracts.manifest.read_manifest`.
             scheme: ``manifest`` or ``clip``.
-            s1_bands, s2_bands: Indices into the manifest's band lists; None keeps all.
+            s1_bands: Indices into the manifest's S1 band list; None keeps all.
+            s2_bands: Indices into the manifest's S2 band list; None keeps all.
 
         Raises:
             ValueError: Unknown scheme, band index out of range or missing statistics.
         """
-        n1, n2 = len(manifest["bands"]["s1"]), len(manifest["bands"]["s2"] or [])
-        idx1 = _select(n1, s1_bands, "data.s1_bands", manifest["bands"]["s1"])
-        idx2 = _select(n2, s2_bands, "data.s2_bands", manifest["bands"]["s2"])
+        names1, names2 = manifest.bands.s1, manifest.bands.s2 or []
+        n1, n2 = len(names1), len(names2)
+        idx1 = _select(n1, s1_bands, "data.s1_bands", names1)
+        idx2 = _select(n2, s2_bands, "data.s2_bands", names2)
         if scheme == "clip":
             (lo1, hi1), (lo2, hi2) = S1_CLIP, S2_CLIP
             return cls(

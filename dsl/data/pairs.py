@@ -34,11 +34,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, group_by_keys
 
-from dsl.config import DataConfig
-from dsl.format import DFC_CLASSES, decode_npy
-from dsl.storage import join, register_webdataset_handlers
+from dsl.contracts.config import DataConfig
+from dsl.contracts.manifest import Manifest, ShardEntry, read_manifest, select_shards
+from dsl.contracts.shard_format import DFC_CLASSES, decode_npy
+from dsl.contracts.storage import join, register_webdataset_handlers
 
-from .manifest import read_manifest, select_shards
 from .normalise import Normaliser
 
 Slot = tuple[list[int], int, int]  # (shard indices, stride, offset): samples j % stride == offset
@@ -155,7 +155,7 @@ class PairStream(IterableDataset):
     def __init__(
         self,
         cfg: DataConfig,
-        manifest: dict,
+        manifest: Manifest,
         rank: int,
         world_size: int,
         epoch: int = 0,
@@ -167,14 +167,14 @@ class PairStream(IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         shards, self.keep = _selected(select_shards(manifest, cfg.split), keys, cfg.split)
-        self.urls = [join(cfg.shards, s["name"]) for s in shards]
-        self.counts = [int(s["samples"]) if keys is None else len(k) for s, k in zip(shards, self.keep, strict=True)]
+        self.urls = [join(cfg.shards, s.name) for s in shards]
+        self.counts = [s.samples if keys is None else len(k) for s, k in zip(shards, self.keep, strict=True)]
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, cfg.seed % 2**63
         self.workers = max(1, cfg.loader_workers)  # 0 workers: the main process is the one slot
         self.batch_size, self.crop, self.shuffle_buffer = cfg.batch_size, cfg.crop_size, cfg.shuffle_buffer
         self.labels, self.train, self.start_batch = labels, train, start_batch
         self.norm = Normaliser.from_manifest(manifest, cfg.normalisation, cfg.s1_bands, cfg.s2_bands)
-        self.in_bands = (len(manifest["bands"]["s1"]), len(manifest["bands"]["s2"] or []))
+        self.in_bands = (len(manifest.bands.s1), len(manifest.bands.s2 or []))
 
         n_slots = world_size * self.workers
         order = list(range(len(shards)))
@@ -331,22 +331,22 @@ class PairStream(IterableDataset):
         return cls, multi
 
 
-def _selected(shards: list[dict], keys: KeySelection | None, split: str | None):
+def _selected(shards: list[ShardEntry], keys: KeySelection | None, split: str | None):
     """The shards holding selected keys and each one's key set (all None without a selection)."""
     if keys is None:
         return shards, [None] * len(shards)
-    names = {s["name"] for s in shards}
+    names = {s.name for s in shards}
     unknown = sorted(set(keys) - names)
     if unknown:
         raise ValueError(f"key selection names shards {unknown[:3]} that are not in split {split!r}")
-    kept = [s for s in shards if keys.get(s["name"])]
+    kept = [s for s in shards if keys.get(s.name)]
     if not kept:
         raise ValueError(f"the key selection keeps no sample of split {split!r}")
-    return kept, [frozenset(keys[s["name"]]) for s in kept]
+    return kept, [frozenset(keys[s.name]) for s in kept]
 
 
 def batches_per_epoch(
-    cfg: DataConfig, world_size: int, manifest: dict | None = None, keys: KeySelection | None = None
+    cfg: DataConfig, world_size: int, manifest: Manifest | None = None, keys: KeySelection | None = None
 ) -> int:
     """Training batches every rank yields per epoch.
 
@@ -359,7 +359,7 @@ def batches_per_epoch(
         total = sum(len(set(k)) for k in keys.values())
     else:
         manifest = manifest if manifest is not None else read_manifest(cfg.shards)
-        total = sum(int(s["samples"]) for s in select_shards(manifest, cfg.split))
+        total = sum(s.samples for s in select_shards(manifest, cfg.split))
     return total // (world_size * cfg.batch_size)
 
 
@@ -372,13 +372,14 @@ def make_loader(
     labels: bool = False,
     train: bool = True,
     keys: KeySelection | None = None,
-    manifest: dict | None = None,
+    manifest: Manifest | None = None,
 ) -> DataLoader:
     """A DataLoader of batches ``{"s1", "s2", "key"[, "cls", "multi"]}`` for one rank.
 
     Args:
         cfg: Shards URL, split, batch and crop size, workers, normalisation, seed ...
-        rank, world_size: This rank among the data-parallel ranks.
+        rank: This rank's index among the data-parallel ranks.
+        world_size: Number of data-parallel ranks.
         epoch: Reseeds shard deal, shuffle and crops.
         start_batch: Batches of this epoch already consumed (resume): they are skipped undecoded.
         labels: Also return ``cls`` (int64 [B]) and ``multi`` (float32 [B, 8]).

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from dsl.data.manifest import read_manifest, select_shards
+from dsl.contracts.manifest import Manifest, read_manifest, select_shards
+from dsl.contracts.shard_format import IGNORE
+from dsl.contracts.storage import join, register_webdataset_handlers
 from dsl.data.pairs import read_shard
-from dsl.format import IGNORE
-from dsl.storage import join, register_webdataset_handlers
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LabelTable:
     cls: np.ndarray  # int64 [N]
 
 
-def read_labels(shards_url: str, split: str | None, manifest: dict | None = None) -> LabelTable:
+def read_labels(shards_url: str, split: str | None, manifest: Manifest | None = None) -> LabelTable:
     """Read every sample's ``cls`` of ``split`` (None: all shards).
 
     Raises:
@@ -41,7 +41,7 @@ def read_labels(shards_url: str, split: str | None, manifest: dict | None = None
     manifest = manifest if manifest is not None else read_manifest(shards_url)
     keys, names, cls = [], [], []
     for shard in select_shards(manifest, split):
-        url = join(shards_url, shard["name"])
+        url = join(shards_url, shard.name)
         for sample in read_shard(url, ("cls",)):
             if "cls" not in sample:
                 raise ValueError(f"{url}: sample {sample['__key__']!r} has no cls member: not labelled shards")
@@ -50,7 +50,7 @@ def read_labels(shards_url: str, split: str | None, manifest: dict | None = None
             except (UnicodeDecodeError, ValueError):
                 raise ValueError(f"{url}: sample {sample['__key__']!r}: cls is not a decimal integer") from None
             keys.append(sample["__key__"])
-            names.append(shard["name"])
+            names.append(shard.name)
     return LabelTable(keys, names, np.asarray(cls, dtype=np.int64))
 
 

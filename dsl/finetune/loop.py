@@ -20,41 +20,40 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from dsl.config import Config, FinetuneConfig, OptimConfig
-from dsl.data import make_loader, read_manifest
+from dsl.collectives import all_reduce, mean_across_ranks
+from dsl.contracts.config import Config, FinetuneConfig, OptimConfig
+from dsl.contracts.manifest import Manifest, read_manifest
+from dsl.contracts.model_card import ModelCard
+from dsl.data import make_loader
 from dsl.finetune import metrics as M
 from dsl.finetune.models import build_finetune_model
-from dsl.train.checkpoint import load_state, save_state
-from dsl.train.launch import setup_worker
-from dsl.train.loop import deepspeed_config
-from dsl.train.schedule import warmup_cosine
+from dsl.runtime.checkpoint import load_state, save_state
+from dsl.runtime.engine import build_engine
+from dsl.runtime.tracking import log_metrics
+from dsl.runtime.trainer import setup_worker
 
 
-def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t
+def backbone_inputs(cfg: Config, manifest: Manifest, card: ModelCard | None):
+    """Return (data config, manifest to normalise with) for a cell.
 
-
-def backbone_inputs(cfg: Config, manifest: dict, info: dict | None):
-    """(data config, manifest to normalise with) for a cell: a pretrained backbone gets the crop
-    size, bands and normalisation (scheme and statistics) of its pretraining.
+    A pretrained backbone gets the crop size, bands and normalisation (scheme and statistics)
+    of its pretraining; a scratch backbone (``card`` None) the job's own.
 
     Raises:
         ValueError: The shards' band names differ from those the backbone was pretrained on.
     """
-    if info is None:
+    if card is None:
         return cfg.data, manifest
     for sensor in ("s1", "s2"):
-        if list(manifest["bands"][sensor] or []) != list(info["band_names"][sensor] or []):
-            raise ValueError(f"{cfg.data.shards}: {sensor} bands {manifest['bands'][sensor]} differ from the "
-                             f"{info['band_names'][sensor]} the backbone was pretrained on")
-    data = cfg.data.model_copy(update={"crop_size": info["img_size"], "normalisation": info["normalisation"],
-                                       "s1_bands": info["s1_bands"], "s2_bands": info["s2_bands"]})
-    return data, {**manifest, "stats": info["stats"]}
+        have, want = getattr(manifest.bands, sensor) or [], getattr(card.band_names, sensor) or []
+        if list(have) != list(want):
+            raise ValueError(f"{cfg.data.shards}: {sensor} bands {have} differ from the "
+                             f"{want} the backbone was pretrained on")
+    data = cfg.data.model_copy(update={"crop_size": card.img_size, "normalisation": card.normalisation,
+                                       "s1_bands": card.s1_bands, "s2_bands": card.s2_bands})
+    return data, manifest.model_copy(update={"stats": card.stats})
 
 
 def _loss(task: str, logits: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -80,32 +79,28 @@ def test_counts(engine, data, manifest, ft: FinetuneConfig, rank, world, device,
             counts += M.multilabel_counts(batch["multi"].numpy(), (logits.sigmoid() >= 0.5).numpy(), cls != M.IGNORE)
     # ZeRO-3 gathers parameters inside forward, a collective: every rank must call it equally often
     n = torch.tensor([len(loader)])
-    most = int(_all_reduce(n.clone(), dist.ReduceOp.MAX).item()) if engine.zero_optimization_stage() == 3 else 0
+    most = int(all_reduce(n, "max").item()) if engine.zero_optimization_stage() == 3 else 0
     for _ in range(most - int(n.item())):
         c = data.crop_size
         engine(*(torch.zeros(1, k, c, c, device=device, dtype=dtype) for k in chans))
-    return _all_reduce(torch.from_numpy(counts)).numpy()
+    return all_reduce(torch.from_numpy(counts)).numpy()
 
 
-def _pretrained(uri: str, tracking_uri: str, cache: dict) -> tuple[nn.Module, dict]:
-    """A fresh copy of a registered model (fetched once per worker and job) and its info."""
+def _pretrained(uri: str, tracking_uri: str, cache: dict) -> tuple[nn.Module, ModelCard]:
+    """A fresh copy of a registered model (fetched once per worker and job) and its card."""
     from dsl.registry import load_backbones
 
     if uri not in cache:
         cache[uri] = load_backbones(uri, tracking_uri)
-    model, info = cache[uri]
-    return copy.deepcopy(model), info
+    model, card = cache[uri]
+    return copy.deepcopy(model), card
 
 
 def run_cell(cfg: Config, manifest: dict, cell: dict, rank: int, world: int, device, cache: dict) -> dict:
     """Train and test one cell; returns the test metrics (on every rank)."""
-    import deepspeed
-
-    from dsl.train.checkpoint import use_safe_loading
-
     ft = FinetuneConfig.model_validate(cell["ft"])
-    pretrained, info = _pretrained(cell["backbone"], cfg.mlflow.tracking_uri, cache) if ft.method == "dual" else (None, None)
-    data, norm_manifest = backbone_inputs(cfg, manifest, info)
+    pretrained, card = _pretrained(cell["backbone"], cfg.mlflow.tracking_uri, cache) if ft.method == "dual" else (None, None)
+    data, norm_manifest = backbone_inputs(cfg, manifest, card)
     keys = cell["keys"]
     n_selected, per_step = sum(len(k) for k in keys.values()), world * data.batch_size
     # an epoch is a pass over the selected samples, or at least one batch per rank (tiny fractions)
@@ -113,23 +108,18 @@ def run_cell(cfg: Config, manifest: dict, cell: dict, rank: int, world: int, dev
     data = data.model_copy(update={"seed": ft.seed, "samples_per_epoch": per_epoch})
     epochs = 1 if ft.steps else ft.epochs
     total_steps = max(1, epochs * (per_epoch // per_step) // cfg.deepspeed.grad_accum)  # optimizer steps
-    s1_chans = len(data.s1_bands or manifest["bands"]["s1"])
-    s2_chans = len(data.s2_bands or manifest["bands"]["s2"])
+    s1_chans = len(data.s1_bands or manifest.bands.s1)
+    s2_chans = len(data.s2_bands or manifest.bands.s2 or [])
     torch.manual_seed(ft.seed)  # the same head (and scratch backbones) on every rank
     model = build_finetune_model(ft, cfg.model, s1_chans, s2_chans, M.N_CLASSES, data.crop_size, pretrained)
-    optimizer = torch.optim.AdamW(model.param_groups(ft.lr, ft.backbone_lr_scale, ft.weight_decay))
-    schedule = warmup_cosine(OptimConfig(lr=ft.lr, max_steps=total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    ds_cfg = deepspeed_config(cfg.model_copy(update={"data": data}))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_cfg, dist_init_required=False)
-    use_safe_loading(engine)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+    # the groups carry their own lr and weight decay; the schedule runs over this cell's steps
+    engine, dtype = build_engine(model, model.param_groups(ft.lr, ft.backbone_lr_scale, ft.weight_decay),
+                                 OptimConfig(lr=ft.lr, max_steps=total_steps), cfg.deepspeed, data.batch_size)
     client = None
     if rank == 0:
-        from mlflow import MlflowClient
+        from dsl.runtime.tracking import client as mlflow_client
 
-        client = MlflowClient(cfg.mlflow.tracking_uri)
+        client = mlflow_client(cfg.mlflow.tracking_uri)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         engine.train()
@@ -140,7 +130,7 @@ def run_cell(cfg: Config, manifest: dict, cell: dict, rank: int, world: int, dev
             engine.backward(loss)
             engine.step()
             total, n = total + loss.item(), n + 1
-        mean = _all_reduce(torch.tensor([total / max(n, 1)], dtype=torch.float64)).item() / world
+        mean = mean_across_ranks(total / max(n, 1))
         if client is not None:
             client.log_metric(cell["run_id"], "train_loss", mean, step=epoch)
     train_s = time.perf_counter() - t0
@@ -151,17 +141,14 @@ def run_cell(cfg: Config, manifest: dict, cell: dict, rank: int, world: int, dev
         _log_result(client, cell["run_id"], metrics, result, counts,
                     {"train_steps": total_steps, "train_samples": n_selected, "train_seconds": train_s,
                      "test_samples": int(counts.sum() if ft.task == "single" else counts[0].sum())})
-    del engine, model, optimizer
+    del engine, model
     gc.collect()
     return metrics
 
 
 def _log_result(client, run_id: str, metrics: dict, result: dict, counts: np.ndarray, extra: dict) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
     rows = {**metrics, **extra, **{f"test_f1_{r['class']}": r["f1"] for r in result["per_class"]}}
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in rows.items()])
+    log_metrics(client, run_id, rows, step=0)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "per_class.md").write_text(M.per_class_markdown(result["per_class"]))
         lines = ["class,support,predicted,precision,recall,f1"]
@@ -174,8 +161,11 @@ def _log_result(client, run_id: str, metrics: dict, result: dict, counts: np.nda
 
 
 def finetune_loop(config: dict) -> None:
-    """Ray Train entry point. ``config``: {"cfg": resolved tree, "cells": [{"ft", "run_id",
-    "keys", "backbone"}]}."""
+    """Ray Train entry point: run every cell not yet finished, reporting each to Ray's storage.
+
+    Args:
+        config: ``{"cfg": resolved tree, "cells": [{"ft", "run_id", "keys", "backbone"}]}``.
+    """
     import ray.train
 
     cfg = Config.model_validate(config["cfg"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dsl.format import DFC_CLASSES, IGNORE
+from dsl.contracts.shard_format import DFC_CLASSES, IGNORE
 
 N_CLASSES = len(DFC_CLASSES)
 METRICS = ("average_accuracy", "overall_accuracy", "macro_f1", "micro_f1")
@@ -48,7 +48,12 @@ def multilabel_counts(truth: np.ndarray, pred: np.ndarray, valid: np.ndarray | N
     """int64 [n, 4] per-class (TP, FP, FN, TN) of multi-hot ``truth`` and ``pred`` [N, n].
 
     Args:
+        truth: Multi-hot targets [N, n]; any nonzero value counts as present.
+        pred: Multi-hot predictions [N, n], same shape as ``truth``.
         valid: bool [N], samples to count (None: all).
+
+    Raises:
+        ValueError: ``truth`` and ``pred`` differ in shape or are not 2-D.
     """
     truth, pred = np.asarray(truth).astype(bool), np.asarray(pred).astype(bool)
     if truth.shape != pred.shape or truth.ndim != 2:
@@ -60,7 +65,7 @@ def multilabel_counts(truth: np.ndarray, pred: np.ndarray, valid: np.ndarray | N
 
 
 def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a / b, 0 where b is 0 (sklearn's zero_division=0)."""
+    """Divide elementwise as float64: a / b, and 0 where b is 0 (sklearn's zero_division=0)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
 

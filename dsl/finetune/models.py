@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dsl.config import FinetuneConfig, ModelConfig
+from dsl.contracts.config import FinetuneConfig, ModelConfig
 from dsl.models.backbone import make_backbone
 
 INPUTS = {"dual": ("s1", "s2"), "late_fusion": ("s1", "s2"), "early_fusion": ("s1s2",),
@@ -44,6 +44,7 @@ class FinetuneModel(nn.Module):
             self.encoders.requires_grad_(False)
 
     def train(self, mode: bool = True) -> FinetuneModel:
+        """Set train/eval mode, but keep frozen backbones (and their BatchNorm) in eval mode."""
         super().train(mode)
         if self.frozen:
             self.encoders.eval()
@@ -57,8 +58,11 @@ class FinetuneModel(nn.Module):
         return self.head(torch.cat(feats, dim=1))
 
     def param_groups(self, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
-        """Optimizer groups of the trainable parameters; pretrained backbones at ``lr * backbone_lr_scale``
-        (mode linear freezes them), scratch ones at ``lr``."""
+        """Optimizer parameter groups of the trainable parameters.
+
+        The head trains at ``lr``; pretrained backbones at ``lr * backbone_lr_scale`` (mode
+        linear freezes them, so they get no group), scratch ones at ``lr``.
+        """
         scale = backbone_lr_scale if self.pretrained else 1.0
         groups = [{"params": list(self.head.parameters()), "lr": lr, "weight_decay": weight_decay}]
         backbone = [p for p in self.encoders.parameters() if p.requires_grad]
@@ -81,7 +85,8 @@ def build_finetune_model(
     Args:
         ft: Method and mode.
         model_cfg: Backbone names and norm of the scratch baselines.
-        s1_chans, s2_chans: Input bands after selection.
+        s1_chans: S1 input bands after selection.
+        s2_chans: S2 input bands after selection.
         num_classes: Head width.
         img_size: Crop size, for backbones that fix it (ViT, Swin).
         pretrained: The registered DualEncoder (``dual`` only).

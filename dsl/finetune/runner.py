@@ -1,6 +1,7 @@
-"""``dsl finetune``: the driver. Pins the backbone version, selects the label fraction, creates
-the MLflow runs (with lineage tags) and runs the cells on the Ray TorchTrainer + DeepSpeed engine
-that pretraining uses.
+"""``dsl finetune``: the driver.
+
+Pins the backbone version, selects the label fraction, creates the MLflow runs (with lineage
+tags) and runs the cells on the Ray TorchTrainer + DeepSpeed engine that pretraining uses.
 
 MLflow contract of a fine-tuning run (read by ``dsl promote`` and ``dsl evaluate``):
 
@@ -20,6 +21,7 @@ MLflow contract of a fine-tuning run (read by ``dsl promote`` and ``dsl evaluate
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import tempfile
@@ -28,9 +30,13 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsl.config import Config, FinetuneConfig, dump_config
-from dsl.format import MANIFEST
-from dsl.storage import join
+from dsl.contracts.config import Config, FinetuneConfig, dump_config
+from dsl.contracts.manifest import Manifest, manifest_sha256, read_manifest
+from dsl.contracts.model_card import load_card
+from dsl.contracts.provenance import code_version
+from dsl.contracts.shard_format import MANIFEST
+from dsl.contracts.storage import join
+from dsl.runtime.trainer import local_cpus, resolve_paths
 
 
 @dataclass
@@ -76,8 +82,6 @@ def resolve_backbone(uri: str, tracking_uri: str) -> dict:
 
 def _tags(cell: Cell, backbone: dict | None, cfg: Config, job: str, sha: str, parent: str | None,
           n_train: int) -> dict:
-    from ingest.run import code_version
-
     ft = cell.ft
     tags = {
         "dsl.kind": "finetune", "dsl.job": job, "dsl.method": ft.method, "dsl.method_name": cell.name,
@@ -95,12 +99,14 @@ def _tags(cell: Cell, backbone: dict | None, cfg: Config, job: str, sha: str, pa
     return tags
 
 
-def _check_backbones(cfg: Config, cells: list[Cell], manifest: dict) -> dict[str, dict]:
-    """Pin every registered backbone and check it fits the shards, here on the driver: a
-    worker's error would be retried ``scale.max_failures`` times."""
+def _check_backbones(cfg: Config, cells: list[Cell], manifest: Manifest) -> dict[str, dict]:
+    """Pin every registered backbone and check it fits the shards.
+
+    The check runs here on the driver: a worker's error would be retried
+    ``scale.max_failures`` times.
+    """
     from dsl.finetune.loop import backbone_inputs
     from dsl.registry import download
-    from dsl.train.checkpoint import load_weights
 
     backbones: dict[str, dict] = {}
     for c in cells:
@@ -109,7 +115,7 @@ def _check_backbones(cfg: Config, cells: list[Cell], manifest: dict) -> dict[str
         b = backbones[c.ft.backbone] = resolve_backbone(c.ft.backbone, cfg.mlflow.tracking_uri)
         folder = download(b["pinned"], cfg.mlflow.tracking_uri)
         try:
-            backbone_inputs(cfg, manifest, load_weights(folder)[1])
+            backbone_inputs(cfg, manifest, load_card(folder))
         finally:
             if str(folder) != b["pinned"]:  # a fetched copy, not the user's folder
                 shutil.rmtree(folder, ignore_errors=True)
@@ -118,7 +124,7 @@ def _check_backbones(cfg: Config, cells: list[Cell], manifest: dict) -> dict[str
 
 def _create_run(client, exp_id: str, cfg: Config, cell: Cell, tags: dict, selection: dict) -> str:
     """The cell's MLflow run with its config as params and the selected keys as an artifact."""
-    from dsl.train.launch import log_config
+    from dsl.runtime.tracking import log_config
 
     run_id = client.create_run(exp_id, tags=tags).info.run_id
     log_config(client, run_id, cfg.model_copy(update={"finetune": cell.ft}))
@@ -135,25 +141,22 @@ def run_cells(cfg: Config, cells: list[Cell], job: str | None = None, parent_run
         Per cell: ``{"run_id", "name", "method", "mode", "task", "label_fraction", "seed",
         "train_samples", "metrics"}`` (metrics without the ``test_`` prefix).
     """
-    from mlflow import MlflowClient
-
-    from dsl.data import read_manifest
     from dsl.finetune.labels import class_counts, read_labels, select_fraction
     from dsl.finetune.loop import finetune_loop
     from dsl.finetune.metrics import METRICS
-    from dsl.ray_utils import init_ray
-    from dsl.train.launch import experiment_id, make_trainer
-    from dsl.train.pretrain import manifest_hash, resolve_paths
+    from dsl.runtime.ray_start import init_ray
+    from dsl.runtime.tracking import client as mlflow_client
+    from dsl.runtime.tracking import experiment_id
+    from dsl.runtime.trainer import make_trainer
 
     cfg = resolve_paths(cfg)
     job = job or f"{cfg.scale.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     manifest = read_manifest(cfg.data.shards)
-    sha = manifest_hash(cfg.data.shards)
+    sha = manifest_sha256(cfg.data.shards)
     backbones = _check_backbones(cfg, cells, manifest)
     table = read_labels(cfg.data.shards, cfg.data.split, manifest)
-    init_ray(cfg.scale.address, num_cpus=None if cfg.scale.address else
-             max(2, int(cfg.scale.num_workers * cfg.scale.cpus_per_worker)))
-    client = MlflowClient(cfg.mlflow.tracking_uri)
+    init_ray(cfg.scale.address, num_cpus=local_cpus(cfg))
+    client = mlflow_client(cfg.mlflow.tracking_uri)
     exp_id = experiment_id(client, cfg)
     specs = []
     for c in cells:
@@ -184,3 +187,9 @@ def run_cells(cfg: Config, cells: list[Cell], job: str | None = None, parent_run
 def finetune(cfg: Config) -> dict:
     """One fine-tuning run of ``cfg.finetune``; returns its run id and test metrics."""
     return run_cells(cfg, [Cell(cfg.finetune.method, cfg.finetune)])[0]
+
+
+def command(cfg: Config, args: argparse.Namespace) -> int:
+    """``dsl finetune``: one fine-tuning run; prints its run id and test metrics."""
+    print(json.dumps(finetune(cfg), indent=1))
+    return 0

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from dsl.config import LossConfig
+from dsl.contracts.config import LossConfig
 from dsl.losses.clip import ClipLoss
 from dsl.losses.dual_ntxent import DualNTXentLoss
 from dsl.losses.gather import gather_features
 from dsl.losses.mma import MMALoss
-from dsl.losses.simclr import SimCLRLoss, augment
+from dsl.losses.simclr import SimCLRLoss
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:
@@ -41,7 +41,6 @@ __all__ = [
     "DualNTXentLoss",
     "MMALoss",
     "SimCLRLoss",
-    "augment",
     "build_loss",
     "gather_features",
 ]

@@ -32,37 +32,9 @@ tensors of the same shape (the loader drops the last partial batch).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather_features(x: Tensor, gather_with_grad: bool) -> Tensor:
-    """Concatenate every rank's ``[b, ...]`` tensor along dim 0, in rank order.
-
-    Args:
-        x: This rank's tensor; same shape on every rank.
-        gather_with_grad: Route gradient back through the gather to the owning ranks.
-
-    Returns:
-        ``[world_size * b, ...]``; ``x`` itself when there is no process group or one rank.
-    """
-    rank, world_size = world()
-    if world_size == 1:
-        return x
-    if gather_with_grad:
-        return torch.cat(dist_fn.all_gather(x), dim=0)
-    parts = [torch.empty_like(x) for _ in range(world_size)]
-    dist.all_gather(parts, x.contiguous())
-    parts[rank] = x  # the received copy has no graph; the local original does
-    return torch.cat(parts, dim=0)
+from dsl.collectives import gather_features, world
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dsl.config import LossConfig, ModelConfig
+from dsl.contracts.config import LossConfig, ModelConfig
 from dsl.models.backbone import feature_maps, make_backbone
 from dsl.models.heads import ProjectionHead
 
@@ -111,9 +111,11 @@ class SingleEncoder(nn.Module):
         return self.head(self.backbone(x))
 
     def features(self, x: Tensor) -> Tensor:
+        """Pooled backbone features of one view, without the projection head."""
         return self.backbone(x)
 
     def feature_maps(self, x: Tensor) -> Tensor:
+        """Last spatial map ``[B, C, h, w]`` of the backbone."""
         return feature_maps(self.backbone, x)
 
 
@@ -125,8 +127,10 @@ def build_model(
     img_size: int | None = None,
     modality: Modality = "s2",
 ) -> DualEncoder | SingleEncoder:
-    """The model a config asks for: a :class:`SingleEncoder` on ``modality`` for the SimCLR
-    baseline, a :class:`DualEncoder` otherwise.
+    """Build the model a config asks for.
+
+    That is a :class:`SingleEncoder` on ``modality`` for the SimCLR baseline (loss ``simclr``),
+    a :class:`DualEncoder` otherwise.
 
     Args:
         model_cfg: Backbone names (``s1_backbone``/``s2_backbone`` override ``backbone``), norm
@@ -136,6 +140,9 @@ def build_model(
         s2_chans: Number of S2 bands.
         img_size: Crop size, for backbones that fix it (ViT, Swin).
         modality: The SimCLR baseline's modality.
+
+    Raises:
+        ValueError: ``modality`` is neither ``s1`` nor ``s2``.
     """
     if modality not in ("s1", "s2"):
         raise ValueError(f"modality must be 's1' or 's2', got '{modality}'")

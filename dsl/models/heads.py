@@ -33,4 +33,5 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """Project pooled features ``[B, in_dim]`` to embeddings ``[B, out_dim]``."""
         return self.net(x)

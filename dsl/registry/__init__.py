@@ -15,21 +15,22 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from dsl.train.checkpoint import MODEL_INFO, WEIGHTS, load_weights
+from dsl.contracts.model_card import MODEL_CARD, WEIGHTS, ModelCard, load_weights
+from dsl.models.dual import build_model
 
 ARTIFACT = "backbone"
 
 
-def _signature(info: dict):
+def _signature(card: ModelCard):
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    size = info["img_size"]
-    d = info["model"]["proj_dim"]
+    size = card.img_size
+    d = card.model.proj_dim
     return ModelSignature(
         inputs=Schema([
-            TensorSpec(np.dtype(np.float32), (-1, info["s1_chans"], size, size), "s1"),
-            TensorSpec(np.dtype(np.float32), (-1, info["s2_chans"], size, size), "s2"),
+            TensorSpec(np.dtype(np.float32), (-1, card.s1_chans, size, size), "s1"),
+            TensorSpec(np.dtype(np.float32), (-1, card.s2_chans, size, size), "s2"),
         ]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, d), "z1"), TensorSpec(np.dtype(np.float32), (-1, d), "z2")]),
     )
@@ -47,15 +48,15 @@ def register_backbones(
     from mlflow import MlflowClient
     from mlflow.models import Model
 
-    _, info = load_weights(Path(weights_dir))  # refuse to register something unloadable
+    _, card = load_weights(Path(weights_dir))  # refuse to register something unloadable
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / ARTIFACT
         folder.mkdir()
-        for f in (WEIGHTS, MODEL_INFO):
+        for f in (WEIGHTS, MODEL_CARD):
             shutil.copy(Path(weights_dir) / f, folder / f)
-        model = Model(artifact_path=ARTIFACT, run_id=run_id, signature=_signature(info))
-        model.add_flavor("dsl", weights=WEIGHTS, info=MODEL_INFO, format="safetensors")
+        model = Model(artifact_path=ARTIFACT, run_id=run_id, signature=_signature(card))
+        model.add_flavor("dsl", weights=WEIGHTS, info=MODEL_CARD, format="safetensors")
         model.save(str(folder / "MLmodel"))
         client.log_artifacts(run_id, str(folder), ARTIFACT)
     mlflow.set_tracking_uri(tracking_uri)
@@ -65,8 +66,14 @@ def register_backbones(
 
 
 def download(uri: str, tracking_uri: str) -> Path:
-    """A local folder with the model's files: ``models:/name@alias``, ``models:/name/3``,
-    ``runs:/...`` or a local folder."""
+    """Return a local folder with the model's files.
+
+    ``uri`` is ``models:/name@alias``, ``models:/name/3``, ``runs:/...`` or a local folder
+    (returned as is); anything else is downloaded into a new temporary folder.
+
+    Raises:
+        ValueError: The model cannot be fetched from the tracking server.
+    """
     if Path(uri).is_dir():
         return Path(uri)
     import mlflow
@@ -78,19 +85,15 @@ def download(uri: str, tracking_uri: str) -> Path:
         raise ValueError(f"cannot fetch {uri} from {tracking_uri}: {e}") from None
 
 
-def load_backbones(uri: str, tracking_uri: str) -> tuple[nn.Module, dict]:
-    """The registered model, rebuilt and loaded from safetensors (strict), and its info."""
-    from dsl.config import LossConfig, ModelConfig
-    from dsl.models.dual import build_model
-
+def load_backbones(uri: str, tracking_uri: str) -> tuple[nn.Module, ModelCard]:
+    """The registered model, rebuilt and loaded from safetensors (strict), and its card."""
     folder = download(uri, tracking_uri)
-    state, info = load_weights(folder)
-    model = build_model(ModelConfig(**info["model"]), LossConfig(**info["loss"]), info["s1_chans"],
-                        info["s2_chans"], img_size=info["img_size"])
+    state, card = load_weights(folder)
+    model = build_model(card.model, card.loss, card.s1_chans, card.s2_chans, img_size=card.img_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{uri}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
-    return model, info
+    return model, card
 
 

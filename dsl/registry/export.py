@@ -31,23 +31,23 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dsl.contracts.model_card import ModelCard, load_weights
 from dsl.models.backbone import make_backbone
 from dsl.registry import download
-from dsl.train.checkpoint import load_weights
 
 
-def _input_spec(info: dict, modality: str) -> dict:
+def _input_spec(card: ModelCard, modality: str) -> dict:
     """Band names and normalisation of the inputs the backbone was trained on."""
-    names = (info.get("band_names") or {}).get(modality) or []
-    picked = info.get(f"{modality}_bands")
+    names = getattr(card.band_names, modality) or []
+    picked = getattr(card, f"{modality}_bands")
     if picked is not None and names:
         names = [names[i] for i in picked]
-    spec = {"bands": names, "normalisation": info.get("normalisation")}
-    stats = (info.get("stats") or {}).get(modality) or {}
+    spec = {"bands": names, "normalisation": card.normalisation}
+    stats = getattr(card.stats, modality) or {}
     if spec["normalisation"] == "manifest" and names and all(n in stats for n in names):
-        spec["mean"] = [stats[n]["mean"] for n in names]
+        spec["mean"] = [stats[n].mean for n in names]
         # as dsl.data.normalise: a constant band keeps scale 1
-        spec["std"] = [stats[n]["std"] if stats[n]["std"] > 0 else 1.0 for n in names]
+        spec["std"] = [stats[n].std if stats[n].std > 0 else 1.0 for n in names]
     elif spec["normalisation"] == "clip":
         spec["clip"] = [-25.0, 0.0] if modality == "s1" else [0.0, 10000.0]
         spec["note"] = "clip to the range, then scale to [0, 1]"
@@ -71,16 +71,16 @@ def export_backbone(uri: str, modality: str, out: str | Path, tracking_uri: str)
     """
     if modality not in ("s1", "s2"):
         raise ValueError(f"modality must be 's1' or 's2', got '{modality}'")
-    state, info = load_weights(download(uri, tracking_uri))
+    state, card = load_weights(download(uri, tracking_uri))
     prefix = f"{modality}_backbone."
     weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
         found = sorted({k.split(".", 1)[0] for k in state})
         raise ValueError(f"{uri}: no '{prefix}*' weights (a two-tower model is needed); top-level keys: {found}")
-    m = info["model"]
-    arch = m.get(f"{modality}_backbone") or m["backbone"]
-    norm = "group" if m["norm"] == "group" else "batch"  # SyncBatchNorm's keys are BatchNorm's
-    in_chans, img_size = info[f"{modality}_chans"], info.get("img_size")
+    m = card.model
+    arch = getattr(m, f"{modality}_backbone") or m.backbone
+    norm = "group" if m.norm == "group" else "batch"  # SyncBatchNorm's keys are BatchNorm's
+    in_chans, img_size = getattr(card, f"{modality}_chans"), card.img_size
     # Load into the model it will be rebuilt as: proves the keys fit (strict) and restores the
     # dtypes the registry flattened to float32 (BatchNorm's num_batches_tracked is int64).
     backbone = make_backbone(arch, in_chans, norm, img_size)
@@ -94,7 +94,7 @@ def export_backbone(uri: str, modality: str, out: str | Path, tracking_uri: str)
         timm_kwargs["img_size"] = img_size
     meta = {"arch": arch, "in_chans": in_chans, "norm": norm, "img_size": img_size, "modality": modality,
             "num_features": backbone.num_features, "timm_kwargs": timm_kwargs,
-            "input": _input_spec(info, modality), "source": uri}
+            "input": _input_spec(card, modality), "source": uri}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -122,4 +122,12 @@ def load_exported(path: str | Path) -> tuple[nn.Module, dict]:
     return model.eval(), meta
 
 
-__all__ = ["export_backbone", "load_exported", "read_metadata"]
+def command(cfg, args) -> int:
+    """``dsl export``: write ``--model``'s ``--modality`` backbone to ``--out``."""
+    meta = export_backbone(args.model, args.modality, args.out, cfg.mlflow.tracking_uri)
+    print(f"wrote {meta['arch']} ({meta['modality']}, in_chans={meta['in_chans']}, norm={meta['norm']}) "
+          f"to {args.out}")
+    return 0
+
+
+__all__ = ["command", "export_backbone", "load_exported", "read_metadata"]

@@ -18,7 +18,8 @@ import json
 import math
 import time
 
-from dsl.config import PromoteConfig
+from dsl.contracts.config import Config, PromoteConfig
+from dsl.contracts.errors import JobFailed
 from dsl.registry.lock import promotion_lock
 
 TAG = "dsl.promotion."
@@ -26,7 +27,7 @@ LOG_CHARS = 4000  # the sqlite store keeps registered-model tag values up to 500
 STACK = 100
 
 
-class PromotionError(ValueError):
+class PromotionError(JobFailed):
     """A promotion or rollback cannot be decided; the message says what is missing."""
 
 
@@ -131,8 +132,10 @@ def _write_history(client, name: str, alias: str, hist: dict) -> None:
 
 
 def _reconcile(client, name: str, alias: str, holder: str | None) -> dict:
-    """The alias history, with a move made outside promote/rollback (or one interrupted before
-    its log entry) recorded as ``external``."""
+    """Return the alias history, recording a move made outside promote/rollback as ``external``.
+
+    A move interrupted before its log entry was written is recorded the same way.
+    """
     hist = read_history(client, name, alias)
     top = hist["stack"][-1] if hist["stack"] else None
     if holder != top:
@@ -231,3 +234,19 @@ def rollback(cfg: PromoteConfig, name: str, tracking_uri: str) -> dict:
         client.set_model_version_tag(name, restored, TAG + "restored", json.dumps(
             {"alias": cfg.to_alias, "replaced": current, "timestamp": now}))
     return {"model": name, "alias": cfg.to_alias, "restored": restored, "demoted": current, "timestamp": now}
+
+
+def _print(out: dict) -> None:
+    print(json.dumps(out, indent=1, default=str))
+
+
+def promote_command(cfg: Config, args) -> int:
+    """``dsl promote``: apply the gate of ``cfg.promote`` to ``mlflow.registered_model``."""
+    _print(promote(cfg.promote, cfg.mlflow.registered_model, cfg.mlflow.tracking_uri))
+    return 0
+
+
+def rollback_command(cfg: Config, args) -> int:
+    """``dsl rollback``: give ``promote.to_alias`` back to its previous holder."""
+    _print(rollback(cfg.promote, cfg.mlflow.registered_model, cfg.mlflow.tracking_uri))
+    return 0

@@ -6,16 +6,26 @@ from ingest.sources.base import BadRecord, Pair, PairItem, Source
 
 
 def get_source(name: str, tile_size: int = 256) -> Source:
+    """Return the source named by ``ingest.source``.
+
+    Args:
+        name: ``sen12ms``, ``dfc2020``, ``bigearthnet``, ``zarr`` or ``table`` (also accepted
+            under its former name ``manifest``).
+        tile_size: Tile edge in pixels; only the table source, which tiles rasters, uses it.
+
+    Raises:
+        ValueError: Unknown source name.
+    """
     from ingest.sources.bigearthnet import BigEarthNet
-    from ingest.sources.manifest import ManifestSource
     from ingest.sources.sen12ms import DFC2020, SEN12MS
+    from ingest.sources.table import PairTableSource
     from ingest.sources.zarr_source import ZarrSource
 
     sources = {"sen12ms": SEN12MS, "dfc2020": DFC2020, "bigearthnet": BigEarthNet, "zarr": ZarrSource}
-    if name == "manifest":
-        return ManifestSource(tile_size)
+    if name in ("table", "manifest"):  # "manifest": the pair table's former name
+        return PairTableSource(tile_size)
     if name not in sources:
-        raise ValueError(f"unknown source '{name}'; choose one of {sorted([*sources, 'manifest'])}")
+        raise ValueError(f"unknown source '{name}'; choose one of {sorted([*sources, 'table'])}")
     return sources[name]()
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dsl.format import KEY_RE, S1_BANDS
+from dsl.contracts.shard_format import KEY_RE, S1_BANDS
 from ingest.raster import BadInput, Raster
 
 
@@ -22,11 +22,24 @@ class PairItem:
     index: int | None = None  # row in array sources (zarr)
 
     def file(self, role: str) -> str | None:
+        """Return the URL of the file with this role (e.g. ``s1``, ``s2``), or None."""
         return dict(self.files).get(role)
 
 
 @dataclass
 class Pair:
+    """One validated, co-located S1/S2 sample, ready to be written to a shard.
+
+    Attributes:
+        key: The sample key (letters, digits, ``_`` and ``-``).
+        location: The place it shows; a train/val split never separates one location.
+        s1: float32 [2, H, W], VV and VH backscatter in dB.
+        s2: uint16 [C, H, W], reflectance x 10000.
+        meta: The sample's metadata (ids, CRS, geotransform, band names, files ...).
+        dfc: uint8 [H, W] remapped DFC land-cover mask, for labelled sources.
+        extra: Further shard members of a source, by extension.
+    """
+
     key: str
     location: str
     s1: np.ndarray  # float32 [2, H, W] dB
@@ -38,11 +51,20 @@ class Pair:
 
 @dataclass(frozen=True)
 class BadRecord:
+    """An input left out of the dataset and written to ``quarantine.jsonl``.
+
+    Attributes:
+        key: The item or sample key.
+        file: The file at fault.
+        reason: Why it was refused.
+    """
+
     key: str
     file: str
     reason: str
 
     def as_dict(self) -> dict:
+        """Return the record as a plain dict (a quarantine line, a sidecar entry)."""
         return {"key": self.key, "file": self.file, "reason": self.reason}
 
 
@@ -52,9 +74,15 @@ class Source:
     name = "base"
 
     def list(self, input_url: str) -> tuple[list[PairItem], list[BadRecord]]:
+        """List the pair items under ``input_url``, and the inputs already refused by listing."""
         raise NotImplementedError
 
     def read(self, item: PairItem) -> Iterator[Pair]:
+        """Read and validate one item, yielding its pairs (several when tiled).
+
+        Raises:
+            BadInput: The item's files are missing, unreadable or invalid.
+        """
         raise NotImplementedError
 
     def estimate_bytes(self, item: PairItem) -> int:
@@ -63,12 +91,22 @@ class Source:
 
 
 def check_key(key: str) -> str:
+    """Return ``key`` if it is a valid sample key (no dots: webdataset splits at the first).
+
+    Raises:
+        ValueError: The key has characters other than letters, digits, ``_`` and ``-``.
+    """
     if not KEY_RE.match(key):
         raise ValueError(f"sample key {key!r} has characters other than letters, digits, _ and -")
     return key
 
 
 def s1_array(r: Raster) -> np.ndarray:
+    """Return a raster's pixels as float32 S1 (VV, VH in dB).
+
+    Raises:
+        BadInput: Not two bands, or not floating point.
+    """
     if r.data.shape[0] != len(S1_BANDS):
         raise BadInput(r.path, f"wrong band count: expected 2 (VV, VH), found {r.data.shape[0]}")
     if not np.issubdtype(r.data.dtype, np.floating):
@@ -77,6 +115,13 @@ def s1_array(r: Raster) -> np.ndarray:
 
 
 def s2_array(r: Raster, bands: tuple[str, ...]) -> np.ndarray:
+    """Return a raster's pixels as uint16 S2 reflectance x 10000.
+
+    Integer data of another dtype is converted when every value fits in uint16.
+
+    Raises:
+        BadInput: The band count differs from ``bands``, or the values are not uint16-able.
+    """
     if r.data.shape[0] != len(bands):
         raise BadInput(r.path, f"wrong band count: expected {len(bands)} ({bands[0]}..{bands[-1]}), found {r.data.shape[0]}")
     if r.data.dtype != np.uint16:
@@ -107,6 +152,7 @@ def check_grids(a: Raster, b: Raster, shape_b: tuple[int, ...] | None = None) ->
 
 
 def raster_meta(r: Raster) -> dict:
+    """Return a raster's georeferencing (CRS, transform, height, width) as JSON-ready metadata."""
     return {"crs": r.crs, "transform": list(r.transform), "height": int(r.data.shape[1]), "width": int(r.data.shape[2])}
 
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import fsspec
 import numpy as np
 
-from dsl.format import S2_L2A_BANDS
-from dsl.storage import filesystem
+from dsl.contracts.shard_format import S2_L2A_BANDS
+from dsl.contracts.storage import filesystem
 from ingest.raster import BadInput, Raster, raster_shape, read_raster
 from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
@@ -22,10 +22,17 @@ S2_FILE_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", 
 
 
 class BigEarthNet(Source):
+    """BigEarthNet-MM pairs: an S1 patch and its corresponding S2 patch (the location)."""
+
     name = "bigearthnet"
     s2_bands = S2_L2A_BANDS
 
     def list(self, input_url: str) -> tuple[list[PairItem], list[BadRecord]]:
+        """List one item per S1 patch whose metadata names an S2 patch present under the input.
+
+        Raises:
+            FileNotFoundError: ``input_url`` does not exist.
+        """
         fs, root = filesystem(input_url)
         if not fs.exists(root):
             raise FileNotFoundError(f"input {input_url} does not exist")
@@ -59,10 +66,12 @@ class BigEarthNet(Source):
         return items, bad
 
     def estimate_bytes(self, item: PairItem) -> int:
+        """Estimate from the VV header: float32 S1 x 2 plus uint16 S2 x 12 on the 10 m grid."""
         _, h, w, _ = raster_shape(item.file("s1") + "_VV.tif")
         return h * w * (4 * 2 + 2 * len(self.s2_bands)) + 4096
 
     def read(self, item: PairItem) -> Iterator[Pair]:
+        """Stack VV/VH and the 12 S2 band files (resampled to the S1 grid) into one pair."""
         s1_stem, s2_stem = item.file("s1"), item.file("s2")
         vv, vh = read_raster(s1_stem + "_VV.tif"), read_raster(s1_stem + "_VH.tif")
         for band in (vv, vh):

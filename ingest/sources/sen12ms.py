@@ -10,8 +10,8 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 
-from dsl.format import S2_L1C_BANDS, dfc_remap, dfc_targets
-from dsl.storage import filesystem
+from dsl.contracts.shard_format import S2_L1C_BANDS, dfc_remap, dfc_targets
+from dsl.contracts.storage import filesystem
 from ingest.raster import BadInput, raster_shape, read_raster
 from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
@@ -23,17 +23,29 @@ def _season_date(season: str) -> str | None:
 
 
 class SEN12MS(Source):
+    """SEN12MS pairs: S1 and S2 L1C patches matched by (season, scene, patch).
+
+    A scene is one region, so it is the location: its patches neighbour each other.
+    """
+
     name = "sen12ms"
     required = ("s1", "s2")
     s2_bands = S2_L1C_BANDS
 
     def location(self, season: str, scene: str, key: str) -> str:
+        """Return the place a patch shows, which a train/val split keeps together: its scene."""
         return f"{season}_{scene}"  # a scene is one region: its patches neighbour each other
 
     def split_of(self, season: str) -> str | None:
+        """Return the split the dataset itself gives a season folder: none for SEN12MS."""
         return None
 
     def list(self, input_url: str) -> tuple[list[PairItem], list[BadRecord]]:
+        """Group the input's tifs by (season, scene, patch); a group missing a required file is bad.
+
+        Raises:
+            FileNotFoundError: ``input_url`` does not exist.
+        """
         fs, root = filesystem(input_url)
         if not fs.exists(root):
             raise FileNotFoundError(f"input {input_url} does not exist")
@@ -62,11 +74,13 @@ class SEN12MS(Source):
         return items, bad
 
     def estimate_bytes(self, item: PairItem) -> int:
+        """Estimate from the S1 and S2 headers: float32 S1 plus uint16 S2 bands."""
         b1, h, w, _ = raster_shape(item.file("s1"))
         b2, _, _, _ = raster_shape(item.file("s2"))
         return h * w * (4 * b1 + 2 * b2) + 2048
 
     def read(self, item: PairItem) -> Iterator[Pair]:
+        """Read the S1/S2 patch pair; the land-cover file is only referenced in the metadata."""
         s1 = read_raster(item.file("s1"))
         s2 = read_raster(item.file("s2"))
         season = item.key.rsplit("_", 2)[0]
@@ -84,12 +98,19 @@ class DFC2020(SEN12MS):
     required = ("s1", "s2", "dfc")
 
     def location(self, season: str, scene: str, key: str) -> str:
+        """Return the patch key itself: every DFC2020 patch is its own location."""
         return key  # every DFC2020 patch comes from its own place (scene is always 0)
 
     def split_of(self, season: str) -> str | None:
+        """Return the folder's split, ``validation`` or ``test``, from its season name."""
         return season.split("_", 1)[1] if "_" in season else None  # validation / test
 
     def read(self, item: PairItem) -> Iterator[Pair]:
+        """Read the pair and its DFC mask, remapped, with single- and multi-label targets.
+
+        Raises:
+            BadInput: The mask is not one band or not on the pair's grid.
+        """
         (pair,) = super().read(item)
         dfc = read_raster(item.file("dfc"))
         if dfc.data.shape[0] != 1:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import zarr
 
-from dsl.format import S2_L1C_BANDS, S2_L2A_BANDS
+from dsl.contracts.shard_format import S2_L1C_BANDS, S2_L2A_BANDS
 from ingest.raster import BadInput, Raster
 from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
@@ -35,9 +35,17 @@ def _bands(group, channels: int) -> tuple[str, ...]:
 
 
 class ZarrSource(Source):
+    """Pairs stored as rows of the ``s1``/``s2`` arrays of one zarr group (layout above)."""
+
     name = "zarr"
 
     def list(self, input_url: str) -> tuple[list[PairItem], list[BadRecord]]:
+        """List one item per row, keyed by ``ids`` (or ``zarr_<index>``); each key is its location.
+
+        Raises:
+            FileNotFoundError: ``input_url`` is not a readable zarr group.
+            ValueError: The ``s1`` or ``s2`` array is missing, or their row counts differ.
+        """
         group = _open(input_url)
         for name in ("s1", "s2"):
             if name not in group:
@@ -53,10 +61,12 @@ class ZarrSource(Source):
         return sorted(items, key=lambda it: it.key), []
 
     def estimate_bytes(self, item: PairItem) -> int:
+        """Estimate from the array shapes: one float32 S1 row plus one uint16 S2 row."""
         g = _open(item.file("group"))
         return int(np.prod(g["s1"].shape[1:])) * 4 + int(np.prod(g["s2"].shape[1:])) * 2 + 1024
 
     def read(self, item: PairItem) -> Iterator[Pair]:
+        """Read the item's row of both arrays, georeferenced by the group's attributes."""
         url = item.file("group")
         g = _open(url)
         i = item.index

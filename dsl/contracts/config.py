@@ -1,0 +1,352 @@
+"""One typed config tree for every DSL job.
+
+Experiments live in ``configs/**/*.yaml``; any key can be overridden on the command line as
+``section.key=value`` (the value is parsed as YAML, so ``data.batch_size=64`` is an int and
+``model.s1_bands=[0,1]`` a list). An unknown key or a bad value is an error that names the
+file and the dotted key, never a silent default.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the problem."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors and assignments are validated."""
+
+    # extra="forbid" turns a typo into an error instead of a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class IngestConfig(Section):
+    """``dsl ingest``: raw rasters -> WebDataset shards + manifest.json."""
+
+    source: Literal["sen12ms", "dfc2020", "bigearthnet", "zarr", "table", "manifest"] = Field(
+        "sen12ms", description="table: a CSV/Parquet pair table of raster URLs (formerly 'manifest')")
+    input: str = ""
+    output: str = "work/shards"
+    prefix: str = Field("pairs", pattern=r"^[A-Za-z0-9_]+$")
+    workers: int = Field(2, ge=1, description="Ray tasks run at once")
+    address: str | None = Field(None, description="Ray address; None starts a local Ray")
+    shard_size_mb: float = Field(256.0, gt=0)
+    max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="0 disables the split")
+    tile_size: int = Field(256, ge=8, description="table source: rasters are tiled to this")
+    progress: bool = True
+
+
+class DataConfig(Section):
+    """Streaming pairs from shards for training."""
+
+    shards: str = "work/shards"
+    split: str | None = Field(None, description="train/val when ingested with a split")
+    batch_size: int = Field(64, ge=1, description="per worker (rank)")
+    crop_size: int = Field(128, ge=8)
+    shuffle_buffer: int = Field(1000, ge=0)
+    loader_workers: int = Field(2, ge=0)
+    normalisation: Literal["manifest", "clip"] = "manifest"
+    s1_bands: list[int] | None = None
+    s2_bands: list[int] | None = None
+    samples_per_epoch: int | None = Field(None, ge=1, description="default: manifest count")
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    """The encoders: per-modality backbones, their norm layers and the projection heads."""
+
+    backbone: str = "resnet18"
+    s1_backbone: str | None = None
+    s2_backbone: str | None = None
+    norm: Literal["batch", "group", "syncbatch"] = "batch"
+    proj_hidden_dim: int = Field(512, ge=1)
+    proj_dim: int = Field(128, ge=1)
+    head_norm: bool = True
+
+
+class LossConfig(Section):
+    """The contrastive objective, its temperature and how embeddings are gathered across ranks."""
+
+    name: Literal["dual_ntxent", "clip", "simclr", "mma"] = "dual_ntxent"
+    temperature: float = Field(0.07, gt=0)
+    learnable_temperature: bool = False
+    gather_with_grad: bool = True
+    local_loss: bool = True
+
+
+class OptimConfig(Section):
+    """AdamW settings and the linear-warmup + cosine learning-rate schedule."""
+
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_steps: int = Field(1000, ge=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed engine: ZeRO stage, mixed precision, gradient accumulation and clipping."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float = Field(1.0, ge=0)
+
+
+class ScaleConfig(Section):
+    """How many Ray Train workers and what each gets."""
+
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    torch_threads: int | None = Field(None, ge=1)
+    address: str | None = None
+    storage_path: str = "work/ray_results"
+    name: str = "pretrain"
+    checkpoint_every: int = Field(50, ge=1)
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(2, ge=0)
+    resume: bool = Field(True, description="continue the latest checkpoint of a run of this name")
+    stop_at_step: int | None = Field(None, ge=1, description="end the job here (as if preempted); "
+                                     "the LR schedule still runs to optim.max_steps")
+
+
+class MLflowConfig(Section):
+    """Where runs are tracked and under which registered-model name and alias they land."""
+
+    tracking_uri: str = "sqlite:///work/mlflow.db"
+    artifact_location: str | None = None
+    experiment: str = "dsl-pretrain"
+    registered_model: str = "dsl-dual-backbone"
+    alias: str = "candidate"
+    system_metrics: bool = True
+
+
+FinetuneMethod = Literal["dual", "s1", "s2", "early_fusion", "late_fusion"]
+Metric = Literal["average_accuracy", "overall_accuracy", "macro_f1", "micro_f1"]
+
+
+def _check_backbone(method: str, backbone: str, key: str) -> None:
+    """``dual`` fine-tunes a pretrained model; the supervised baselines start from scratch."""
+    if method == "dual" and backbone == "scratch":
+        raise ValueError(f"{key}: method 'dual' fine-tunes a pretrained backbone (models:/<name>@<alias>, "
+                         "models:/<name>/<version> or a folder); two backbones from scratch is 'late_fusion'")
+    if method != "dual" and backbone != "scratch":
+        raise ValueError(f"{key}: method '{method}' is a supervised baseline trained from scratch; "
+                         f"set it to 'scratch' (got '{backbone}')")
+
+
+class FinetuneConfig(Section):
+    """``dsl finetune``: train on a label fraction of ``data.split``, test on ``test_split``.
+
+    The head sits on the concatenated pooled features of the backbones. ``dual`` loads a
+    registered model (its crop size, bands and normalisation come with it); the baselines
+    (``s1``, ``s2``, ``early_fusion``: all bands in one backbone, ``late_fusion``: two backbones)
+    build ``model.*`` from scratch.
+    """
+
+    backbone: str = Field("models:/dsl-dual-backbone@candidate", min_length=1,
+                          description="models:/<name>@<alias>, models:/<name>/<version>, a folder, or scratch")
+    method: FinetuneMethod = "dual"
+    task: Literal["single", "multi"] = "single"
+    label_fraction: float = Field(0.1, gt=0, le=1, description="per class, chosen from the seed")
+    mode: Literal["linear", "full"] = Field("full", description="linear: frozen backbones (probe)")
+    epochs: int = Field(10, ge=1, description="passes over the selected labels")
+    steps: int | None = Field(None, ge=1, description="optimizer steps whatever the fraction; overrides epochs")
+    lr: float = Field(1e-3, gt=0)
+    backbone_lr_scale: float = Field(1.0, gt=0, description="full mode: a pretrained backbone's lr is "
+                                     "lr x this (scratch backbones train at lr)")
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = Field(0, ge=0, description="label selection, head init, crops and order")
+    test_split: str = Field("test", description="held out: only evaluated, never used for selection")
+
+    @model_validator(mode="after")
+    def _check(self) -> FinetuneConfig:
+        _check_backbone(self.method, self.backbone, "finetune.backbone")
+        return self
+
+
+class EvaluateMethod(Section):
+    """One line of the evaluation grid: a fine-tuning method, its backbone and mode."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$", description="label in the table and plot")
+    method: FinetuneMethod
+    backbone: str = "scratch"
+    mode: Literal["linear", "full"] = "full"
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateMethod:
+        _check_backbone(self.method, self.backbone, f"evaluate.methods[{self.name}].backbone")
+        return self
+
+
+class EvaluateConfig(Section):
+    """``dsl evaluate``: fine-tune every method x label fraction x seed.
+
+    ``finetune.*`` supplies the other settings. The job then writes the mean +- std table
+    (markdown, CSV) and the label-fraction plot.
+    """
+
+    methods: list[EvaluateMethod] = Field(default_factory=lambda: [
+        EvaluateMethod(name="dual-simclr", method="dual", backbone="models:/dsl-dual-backbone@candidate"),
+        *(EvaluateMethod(name=m, method=m) for m in ("late_fusion", "early_fusion", "s1", "s2")),
+    ], min_length=1)
+    label_fractions: list[float] = Field([0.01, 0.1, 0.5, 1.0], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    metric: Metric = Field("average_accuracy", description="the plotted metric")
+    output: str = Field("work/evaluate", description="local folder for the table and plot")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluateConfig:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluate.methods: names must be unique, got {names}")
+        bad = [f for f in self.label_fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"evaluate.label_fractions: {bad[0]} is not in (0, 1]")
+        return self
+
+
+class PromoteConfig(Section):
+    """``dsl promote``/``rollback``: the gate a candidate must pass to take the champion alias.
+
+    A version's score is the mean of ``test_<metric>`` over its finished fine-tuning runs with
+    this task, label fraction and method; the candidate wins when it beats the champion's score
+    by more than ``margin``.
+    """
+
+    metric: str = Field("average_accuracy", min_length=1, description="scored as test_<metric>")
+    task: Literal["single", "multi"] = "single"
+    label_fraction: float = Field(0.1, gt=0, le=1)
+    margin: float = Field(0.0, ge=0)
+    method: str = Field("dual", min_length=1, description="fine-tuning method whose runs count")
+    experiment: str | None = Field(None, description="experiment of the fine-tuning runs; None: all")
+    from_alias: str = Field("candidate", pattern=r"^[A-Za-z0-9_-]+$")
+    to_alias: str = Field("champion", pattern=r"^[A-Za-z0-9_-]+$")
+    lock: Literal["auto", "file", "registry"] = Field(
+        "auto", description="auto: a file lock beside a local store, else a lock tag in the registry")
+    lock_timeout_s: float = Field(120.0, gt=0, description="give up waiting for the lock after this")
+    lock_ttl_s: float = Field(300.0, gt=0, description="registry lock: a holder silent this long has died")
+    lock_settle_s: float = Field(1.0, ge=0, description="registry lock: wait before verifying the write")
+
+
+class Config(Section):
+    """The whole tree; each command reads the sections it needs."""
+
+    ingest: IngestConfig = IngestConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    scale: ScaleConfig = ScaleConfig()
+    mlflow: MLflowConfig = MLflowConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.data.crop_size % 8:
+            raise ValueError(f"data.crop_size must be a multiple of 8, got {self.data.crop_size}")
+        return self
+
+
+def _unknown_key(path: str, key: str, allowed: list[str], origin: str) -> ConfigError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{origin}: unknown key '{path}'{hint}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _merge(base: dict, update: dict, model: type[BaseModel], origin: str, prefix: str = "") -> dict:
+    """Deep-merge ``update`` into ``base``, rejecting keys the model does not define."""
+    fields = model.model_fields
+    for key, value in update.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(path, key, list(fields), origin)
+        sub = fields[key].annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
+            base[key] = _merge(dict(base.get(key) or {}), value, sub, origin, path + ".")
+        else:
+            base[key] = value
+    return base
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=1`` -> (["a", "b"], 1); the value is YAML so types come out right."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a config file, apply ``key=value`` overrides and validate the whole tree.
+
+    Args:
+        path: A YAML file with any subset of the tree; None starts from the defaults.
+        overrides: ``section.key=value`` strings applied after the file.
+
+    Raises:
+        ConfigError: Unknown key, unreadable file or invalid value; the message names which.
+    """
+    raw: dict = {}
+    origin = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = _merge({}, loaded, Config, origin)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        raw = _merge(raw, nested, Config, f"override '{text}'")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            got = err.get("input")
+            problems.append(f"{loc}: {err['msg']} (got {got!r})")
+        raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def dump_config(cfg: Config) -> dict[str, Any]:
+    """The resolved tree as plain data (for MLflow params and the manifest)."""
+    return cfg.model_dump(mode="json")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,1 @@
+"""``dsl evaluate``: the methods x label fractions x seeds grid of fine-tuning runs."""

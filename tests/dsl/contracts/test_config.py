@@ -1,0 +1,57 @@
+"""The typed config tree: files, overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+from fixtures.services import REPO
+
+from dsl.contracts.config import ConfigError, dump_config, flatten, load_config
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_defaults_and_typed_overrides():
+    cfg = load_config(None, ["data.batch_size=32", "model.s1_backbone=resnet50", "data.s2_bands=[1,2,3]",
+                             "scale.address=null", "ingest.output=s3://bucket/x"])
+    assert cfg.data.batch_size == 32 and cfg.model.s1_backbone == "resnet50"
+    assert cfg.data.s2_bands == [1, 2, 3] and cfg.scale.address is None
+    assert cfg.ingest.output == "s3://bucket/x"
+    assert flatten(dump_config(cfg))["data.batch_size"] == 32
+
+
+def test_file_then_overrides(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("data:\n  batch_size: 16\n  crop_size: 64\nloss:\n  temperature: 0.2\n")
+    cfg = load_config(f, ["loss.temperature=0.5"])
+    assert (cfg.data.batch_size, cfg.data.crop_size, cfg.loss.temperature) == (16, 64, 0.5)
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("data:\n  batch_sise: 4\n", r"x.yaml: unknown key 'data.batch_sise' \(did you mean 'batch_size'\?\)"),
+        ("dat:\n  batch_size: 4\n", r"unknown key 'dat' \(did you mean 'data'\?\)"),
+        ("data:\n  batch_size: -4\n", r"data.batch_size: Input should be greater than or equal to 1"),
+        ("loss:\n  name: simsiam\n", r"loss.name: Input should be"),
+        ("data:\n  crop_size: 100\n", r"crop_size must be a multiple of 8"),
+        ("- a\n- b\n", r"top level must be a mapping"),
+        ("data: [\n", r"not valid YAML"),
+    ],
+)
+def test_bad_files_are_clear_errors(tmp_path, text, match):
+    f = tmp_path / "x.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(f)
+
+
+@pytest.mark.parametrize("override,match", [("data.nope=1", "unknown key 'data.nope'"), ("batch_size", "not of the form"),
+                                            ("optim.lr=abc", "optim.lr")])
+def test_bad_overrides(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_is_valid(path):
+    load_config(path)
