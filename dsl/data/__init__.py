@@ -6,6 +6,7 @@ The manifest itself is a contract: :mod:`dsl.contracts.manifest`.
 from dsl.data.augment import augment
 from dsl.data.normalise import BandTransform, Normaliser
 from dsl.data.pairs import PairStream, assign_slots, batches_per_epoch, make_loader
+from dsl.data.stream import resume_stream
 
 __all__ = [
     "BandTransform",
@@ -15,4 +16,5 @@ __all__ = [
     "augment",
     "batches_per_epoch",
     "make_loader",
+    "resume_stream",
 ]

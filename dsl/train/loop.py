@@ -19,7 +19,7 @@ from dsl.collectives import mean_across_ranks
 from dsl.contracts.config import Config
 from dsl.contracts.manifest import Manifest, read_manifest
 from dsl.contracts.model_card import ModelCard, save_weights
-from dsl.data import batches_per_epoch, make_loader
+from dsl.data import resume_stream
 from dsl.objectives import build_objective
 from dsl.runtime.checkpoint import DS_TAG, load_state, save_state
 from dsl.runtime.engine import build_engine
@@ -73,9 +73,6 @@ def train_loop(config: dict) -> None:
             position = load_state(Path(d))["position"]
     step = engine.global_steps
     stop = min(cfg.optim.max_steps, cfg.scale.stop_at_step or cfg.optim.max_steps)
-    per_epoch = batches_per_epoch(cfg.data, world, manifest)
-    if per_epoch < 1:
-        raise ValueError(f"{cfg.data.shards}: too few samples for {world} ranks x batch {cfg.data.batch_size}")
     logger = MetricLogger(cfg, config.get("run_id")) if rank == 0 else MetricLogger(cfg, None)
     aug = torch.Generator().manual_seed(cfg.data.seed * 1000 + rank)
     window: dict[str, float] = {}
@@ -94,52 +91,47 @@ def train_loop(config: dict) -> None:
                 save_weights(Path(tmp), weights, card)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    while step < stop:
-        loader = make_loader(cfg.data, rank, world, epoch=position["epoch"], start_batch=position["batch"])
-        for batch in loader:
-            t_batch = time.perf_counter()
-            s1 = batch["s1"].to(device, dtype, non_blocking=True)
-            s2 = batch["s2"].to(device, dtype, non_blocking=True)
-            a, b = objective.views(s1, s2, aug)
-            if first_step:  # how long a launch takes to reach training (Ray, DeepSpeed, data)
-                logger.log({"launch_to_first_step_s": time.time() - config.get("launch_time", time.time()),
-                            "torch_threads": torch.get_num_threads()}, step)
-                first_step = False
-            loss, out1, out2 = engine(a, b)
-            engine.backward(loss)
-            engine.step()
-            objective.after_step()
-            position["batch"] += 1
-            t_end = time.perf_counter()
-            acc12, acc21 = retrieval_top1(out1, out2)
-            for k, v in (("loss", loss.item()), ("retrieval_s1_to_s2", acc12), ("retrieval_s2_to_s1", acc21),
-                         ("data_wait_s", t_batch - t_data), ("step_time_s", t_end - t_batch)):
-                window[k] = window.get(k, 0.0) + v
-            window["n"] = window.get("n", 0) + 1
-            t_data = t_end
-            if engine.global_steps == step:
-                continue  # a micro-batch inside gradient accumulation: no optimizer step yet
-            step = engine.global_steps
-            if step % cfg.scale.log_every == 0 or step % cfg.scale.checkpoint_every == 0 or step >= stop:
-                n = window.pop("n")
-                metrics = {k: v / n for k, v in window.items()}
-                # the logged loss is the global one: every rank's local loss, averaged
-                metrics["loss"] = mean_across_ranks(metrics["loss"])
-                metrics["lr"] = engine.get_lr()[0]
-                metrics["pairs_per_s"] = world * cfg.data.batch_size * n / (time.perf_counter() - t_start)
-                metrics["step"], metrics["epoch"] = step, position["epoch"]
-                if objective.temperature() is not None:
-                    metrics["temperature"] = objective.temperature()
-                window, t_start = {}, time.perf_counter()
-                logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
-                if step % cfg.scale.checkpoint_every == 0 or step >= stop:
-                    save(final=step >= cfg.optim.max_steps, metrics=metrics)
-                else:
-                    ray.train.report(metrics)
-            if step >= stop:
-                break
-            if position["batch"] >= per_epoch:
-                break
-        if position["batch"] >= per_epoch:  # every rank ends the epoch on the same batch
-            position = {"epoch": position["epoch"] + 1, "batch": 0}
+    # position advances as batches are handed out, so a checkpoint resumes at the next batch
+    batches = resume_stream(cfg.data, rank, world, position, manifest) if step < stop else ()
+    for batch in batches:
+        t_batch = time.perf_counter()
+        s1 = batch["s1"].to(device, dtype, non_blocking=True)
+        s2 = batch["s2"].to(device, dtype, non_blocking=True)
+        a, b = objective.views(s1, s2, aug)
+        if first_step:  # how long a launch takes to reach training (Ray, DeepSpeed, data)
+            logger.log({"launch_to_first_step_s": time.time() - config.get("launch_time", time.time()),
+                        "torch_threads": torch.get_num_threads()}, step)
+            first_step = False
+        loss, out1, out2 = engine(a, b)
+        engine.backward(loss)
+        engine.step()
+        objective.after_step()
+        t_end = time.perf_counter()
+        acc12, acc21 = retrieval_top1(out1, out2)
+        for k, v in (("loss", loss.item()), ("retrieval_s1_to_s2", acc12), ("retrieval_s2_to_s1", acc21),
+                     ("data_wait_s", t_batch - t_data), ("step_time_s", t_end - t_batch)):
+            window[k] = window.get(k, 0.0) + v
+        window["n"] = window.get("n", 0) + 1
+        t_data = t_end
+        if engine.global_steps == step:
+            continue  # a micro-batch inside gradient accumulation: no optimizer step yet
+        step = engine.global_steps
+        if step % cfg.scale.log_every == 0 or step % cfg.scale.checkpoint_every == 0 or step >= stop:
+            n = window.pop("n")
+            metrics = {k: v / n for k, v in window.items()}
+            # the logged loss is the global one: every rank's local loss, averaged
+            metrics["loss"] = mean_across_ranks(metrics["loss"])
+            metrics["lr"] = engine.get_lr()[0]
+            metrics["pairs_per_s"] = world * cfg.data.batch_size * n / (time.perf_counter() - t_start)
+            metrics["step"], metrics["epoch"] = step, position["epoch"]
+            if objective.temperature() is not None:
+                metrics["temperature"] = objective.temperature()
+            window, t_start = {}, time.perf_counter()
+            logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
+            if step % cfg.scale.checkpoint_every == 0 or step >= stop:
+                save(final=step >= cfg.optim.max_steps, metrics=metrics)
+            else:
+                ray.train.report(metrics)
+        if step >= stop:
+            break
     logger.close()
