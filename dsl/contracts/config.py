@@ -257,6 +257,9 @@ class Config(Section):
     def _check(self) -> Config:
         if self.data.crop_size % 8:
             raise ValueError(f"data.crop_size must be a multiple of 8, got {self.data.crop_size}")
+        if self.deepspeed.precision == "fp16" and not self.scale.use_gpu:
+            raise ValueError("deepspeed.precision fp16 needs GPUs (scale.use_gpu=true): DeepSpeed's CPU "
+                             "accelerator has no fp16; use bf16 or fp32 on CPU")
         return self
 
 

@@ -61,4 +61,11 @@ def build_engine(
         dist_init_required=False,
     )
     use_safe_loading(engine)
-    return engine, DTYPES[ds.precision]
+    dtype = DTYPES[ds.precision]
+    if dtype != torch.float32:
+        # DeepSpeed casts the parameters, not the buffers: BatchNorm would then meet bf16/fp16
+        # weights and fp32 running statistics, which torch refuses ("expected scalar type").
+        for buffer in engine.module.buffers():
+            if buffer.is_floating_point():
+                buffer.data = buffer.data.to(dtype)
+    return engine, dtype

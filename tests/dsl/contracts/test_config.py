@@ -55,3 +55,10 @@ def test_bad_overrides(override, match):
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_is_valid(path):
     load_config(path)
+
+
+def test_fp16_on_cpu_is_refused_before_any_worker_starts():
+    with pytest.raises(ConfigError, match="deepspeed.precision fp16 needs GPUs"):
+        load_config(None, ["deepspeed.precision=fp16"])
+    assert load_config(None, ["deepspeed.precision=fp16", "scale.use_gpu=true"]).deepspeed.precision == "fp16"
+    assert load_config(None, ["deepspeed.precision=bf16"]).deepspeed.precision == "bf16"
