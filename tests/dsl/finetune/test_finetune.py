@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from dsl.cli import BY_NAME, build_parser, load
 from dsl.contracts.config import ConfigError, IngestConfig, load_config
 from dsl.evaluate.grid import evaluate
+from dsl.finetune.labels import class_counts, read_labels
 from dsl.finetune.runner import finetune
 from dsl.train.pretrain import pretrain
 from ingest.run import ingest
@@ -32,7 +33,9 @@ def registered(tmp_path_factory, ray_session, s3_server):
     """Labelled DFC2020-layout shards and a tiny backbone pretrained on them for a few steps."""
     root = tmp_path_factory.mktemp("finetune")
     make_bucket("dsl-finetune")
-    synthesise(root / "raw", "dfc2020", 160, seed=21, size=64)  # 80 'validation', 80 'test'
+    # 81 'validation' (trained on), 80 'test' (held out): the splits differ in size and in their
+    # class counts, so metrics computed on the wrong split are visible
+    synthesise(root / "raw", "dfc2020", 161, seed=21, size=64)
     ingest(IngestConfig(source="dfc2020", input=str(root / "raw"), output=str(root / "shards"),
                         shard_size_mb=0.5, progress=False))
     common = [f"data.shards={root / 'shards'}", f"scale.storage_path={root / 'runs'}",
@@ -68,6 +71,10 @@ def test_finetune_from_registered_model(registered):
     with fs.open(f"{base}/test/per_class.csv") as f:
         rows = list(csv.DictReader(line.decode() for line in f))
     assert [r["class"] for r in rows][:2] == ["Forest", "Shrubland"] and sum(int(r["support"]) for r in rows) == 80
+    # the supports are the test split's class counts, not the training split's
+    test_counts = class_counts(read_labels(str(root / "shards"), "test"))
+    assert {i: int(r["support"]) for i, r in enumerate(rows)} == {i: test_counts.get(i, 0) for i in range(8)}
+    assert test_counts != class_counts(read_labels(str(root / "shards"), "validation"))
     selection = json.loads(fs.cat(f"{base}/selection.json"))
     assert sum(map(len, selection["keys"].values())) == run.data.metrics["train_samples"] == sum(selection["classes"].values())
 
@@ -105,3 +112,26 @@ def test_evaluate_grid_writes_table_and_plot(registered, tmp_path):
     child = client.get_run(out["results"][0]["run_id"])
     assert child.data.tags["mlflow.parentRunId"] == out["run_id"] and child.data.tags["dsl.backbone_version"] == "1"
     assert client.get_run(out["results"][-1]["run_id"]).data.tags["dsl.backbone_uri"] == "scratch"
+
+
+def test_multilabel_baselines_and_linear_probe(registered, tmp_path):
+    """The README's other settings: the multi-label task, a linear probe of the registered
+    backbone, and the S1, early- and late-fusion baselines, in one evaluation grid."""
+    root, common = registered
+    cfg = load_config(REPO / "configs/evaluate/tiny.yaml", [
+        *common, f"evaluate.output={tmp_path / 'report'}", "evaluate.label_fractions=[1.0]", "evaluate.seeds=[0]",
+        "finetune.task=multi", "finetune.epochs=1", "evaluate.metric=micro_f1",
+        f"evaluate.methods=[{{name: probe, method: dual, mode: linear, backbone: 'models:/{MODEL}/1'}},"
+        "{name: s1, method: s1}, {name: early, method: early_fusion}, {name: late, method: late_fusion}]"])
+    out = evaluate(cfg)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    assert [r["name"] for r in out["results"]] == ["probe", "s1", "early", "late"]
+    for r in out["results"]:
+        run = client.get_run(r["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags["dsl.task"] == "multi"
+        assert all(0 <= run.data.metrics[f"test_{m}"] <= 1 for m in ("micro_f1", "macro_f1", "overall_accuracy"))
+        local = client.download_artifacts(r["run_id"], "test/metrics.json", str(tmp_path / r["name"]))
+        counts = json.loads(Path(local).read_text())["counts"]
+        assert len(counts) == 8 and all(len(c) == 4 for c in counts)  # per class: tp, fp, fn, tn
+        assert sum(counts[0]) == 80  # every test sample decided once per class
+    assert client.get_run(out["results"][0]["run_id"]).data.tags["dsl.mode"] == "linear"
