@@ -1,4 +1,4 @@
-"""Shared pytest fixtures and the ``slow`` marker's rule."""
+"""Shared pytest fixtures, the ``slow`` marker's rule and the session's leftover check."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from fixtures.dist import GlooPool
+from fixtures.leftovers import Leftovers
 
 # Service fixtures live in fixtures/services.py; registering them here (once) makes them truly
 # session-scoped. Imported into each test module instead, every module got its own "session"
@@ -35,3 +36,29 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.slow)
+
+
+_leftovers: Leftovers | None = None
+
+
+def pytest_sessionstart(session) -> None:
+    """Mark the session's processes and list the temp folders before anything starts."""
+    global _leftovers
+    _leftovers = Leftovers.start()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Fail the run when the session leaves a temp folder or a running process behind.
+
+    Autouse and session-scoped, so it is set up before and torn down after every other
+    session fixture: Ray, moto and the gloo ranks are stopped by then.
+    """
+    global _leftovers
+    if _leftovers is None:  # sessionstart ran before this conftest was loaded
+        _leftovers = Leftovers.start()
+    yield
+    found = _leftovers.finish()
+    if found:
+        pytest.fail("the test session left these behind (every test removes what it creates):\n  "
+                    + "\n  ".join(found), pytrace=False)

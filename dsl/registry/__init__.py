@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,35 +67,61 @@ def register_backbones(
     return str(version)
 
 
+def _fetch(uri: str, tracking_uri: str) -> tuple[Path, Path | None]:
+    """(folder with the model's files, the temporary folder made for it or None)."""
+    if Path(uri).is_dir():
+        return Path(uri), None
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    dst = Path(tempfile.mkdtemp(prefix="dsl-model-"))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst))), dst
+    except Exception as e:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise ValueError(f"cannot fetch {uri} from {tracking_uri}: {e}") from None
+
+
 def download(uri: str, tracking_uri: str) -> Path:
     """Return a local folder with the model's files.
 
     ``uri`` is ``models:/name@alias``, ``models:/name/3``, ``runs:/...`` or a local folder
-    (returned as is); anything else is downloaded into a new temporary folder.
+    (returned as is); anything else is downloaded into a new temporary folder, which the
+    caller then owns and deletes. :func:`fetched` does both.
 
     Raises:
         ValueError: The model cannot be fetched from the tracking server.
     """
-    if Path(uri).is_dir():
-        return Path(uri)
-    import mlflow
+    return _fetch(uri, tracking_uri)[0]
 
-    mlflow.set_tracking_uri(tracking_uri)
+
+@contextmanager
+def fetched(uri: str, tracking_uri: str) -> Iterator[Path]:
+    """:func:`download` as a context: a downloaded copy is deleted on exit, also on error.
+
+    A local folder ``uri`` is used in place and never deleted.
+
+    Raises:
+        ValueError: The model cannot be fetched from the tracking server.
+    """
+    folder, temp = _fetch(uri, tracking_uri)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="dsl-model-")))
-    except Exception as e:
-        raise ValueError(f"cannot fetch {uri} from {tracking_uri}: {e}") from None
+        yield folder
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def load_backbones(uri: str, tracking_uri: str) -> tuple[nn.Module, ModelCard]:
-    """The registered model, rebuilt and loaded from safetensors (strict), and its card."""
-    folder = download(uri, tracking_uri)
-    state, card = load_weights(folder)
+    """The registered model, rebuilt and loaded from safetensors (strict), and its card.
+
+    A downloaded copy of the model is deleted once loaded, also when loading fails.
+    """
+    with fetched(uri, tracking_uri) as folder:
+        state, card = load_weights(folder)
     model = build_model(card.model, card.loss, card.s1_chans, card.s2_chans, img_size=card.img_size)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{uri}: weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
     return model, card
-
-

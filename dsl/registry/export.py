@@ -33,7 +33,7 @@ from torch import nn
 
 from dsl.contracts.model_card import ModelCard, load_weights
 from dsl.models.backbone import make_backbone
-from dsl.registry import download
+from dsl.registry import fetched
 
 
 def _input_spec(card: ModelCard, modality: str) -> dict:
@@ -71,7 +71,8 @@ def export_backbone(uri: str, modality: str, out: str | Path, tracking_uri: str)
     """
     if modality not in ("s1", "s2"):
         raise ValueError(f"modality must be 's1' or 's2', got '{modality}'")
-    state, card = load_weights(download(uri, tracking_uri))
+    with fetched(uri, tracking_uri) as folder:  # a downloaded copy is deleted again
+        state, card = load_weights(folder)
     prefix = f"{modality}_backbone."
     weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not weights:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from dsl.contracts.storage import storage_env
@@ -33,12 +35,36 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # short temp dir: Ray's unix socket paths must stay under 107 characters
     global _temp_dir
     temp_dir = _temp_dir = tempfile.mkdtemp(prefix="dslray-", dir="/tmp")
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        _temp_dir=temp_dir,
-        _node_ip_address="127.0.0.1",
-        runtime_env=runtime_env,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    try:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _temp_dir=temp_dir,
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except BaseException:
+        shutdown_ray()
+        raise
+    # Registered after ray.init, so it runs before Ray's own exit hook: a job that simply
+    # returns (the CLI) stops its Ray and removes the folder too.
+    atexit.unregister(shutdown_ray)  # once, and after this ray.init's own hook
+    atexit.register(shutdown_ray)
+
+
+def shutdown_ray() -> None:
+    """Stop this process's Ray and delete the temp folder :func:`init_ray` made for it, if any.
+
+    Safe to call more than once, and when Ray was joined rather than started (then only the
+    connection is closed: a cluster's folders are not ours).
+    """
+    import ray
+
+    global _temp_dir
+    if ray.is_initialized():
+        ray.shutdown()
+    temp_dir, _temp_dir = _temp_dir, None
+    if temp_dir:
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dsl.contracts.config import IngestConfig
@@ -30,6 +33,13 @@ def committed(out: Path) -> dict[str, str]:
     """shard name -> sha256 from the manifest."""
     m = json.loads((out / "manifest.json").read_text())
     return {s["name"]: s["sha256"] for s in m["shards"]}
+
+
+def cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # exited meanwhile
+        return ""
 
 
 def all_keys(out: Path) -> list[str]:
@@ -54,8 +64,14 @@ def test_killed_ingest_resumes_exactly_once(raw, tmp_path, ray_session):
     while time.time() < deadline and len(list(parts.glob("*.tar.json"))) < 10:
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         time.sleep(0.02)
+    # the Ray folder the killed driver made (SIGKILL leaves its exit hook no chance to remove it)
+    ray_dirs = {d for c in psutil.Process(proc.pid).children(recursive=True)
+                for d in re.findall(r"/tmp/dslray-\w+", cmdline(c))}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert ray_dirs, "the killed ingest's Ray was not found"
+    for d in ray_dirs:
+        shutil.rmtree(d, ignore_errors=True)
     done_before = {p.name[: -len(".json")] for p in parts.glob("*.tar.json")}
     assert not (killed / "manifest.json").exists(), "run finished before the kill: make the input larger"
     assert 10 <= len(done_before) < 120
