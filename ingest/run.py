@@ -127,6 +127,21 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def items_per_shard(source, items: list[PairItem], shard_size_mb: float) -> int:
+    """Items per partition, sized from the first item whose raster headers read.
+
+    A broken file is quarantined by its partition like any other: it must not stop the run
+    because it sorts first. The result depends only on the input, so a rerun plans the same.
+    When no header reads at all, every item gets its own partition (and its quarantine line).
+    """
+    for item in items:
+        try:
+            return max(1, int(shard_size_mb * 1e6 // source.estimate_bytes(item)))
+        except BadInput:
+            continue
+    return 1
+
+
 def _plan_id(cfg: IngestConfig, items: list[PairItem], per_shard: int) -> str:
     h = hashlib.sha256()
     opts = {k: getattr(cfg, k) for k in ("source", "input", "prefix", "val_fraction", "tile_size")}
@@ -183,7 +198,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
     items, listing_bad = source.list(cfg.input)
     if not items:
         raise IngestError(f"no pairs found under {cfg.input} for source '{cfg.source}' ({len(listing_bad)} bad)")
-    per_shard = max(1, int(cfg.shard_size_mb * 1e6 // source.estimate_bytes(items[0])))
+    per_shard = items_per_shard(source, items, cfg.shard_size_mb)
     parts = plan_partitions(items, per_shard, cfg.val_fraction, cfg.prefix)
     plan_id = _plan_id(cfg, items, per_shard)
     plan_url = join(cfg.output, PARTS, "plan.json")

@@ -60,7 +60,8 @@ class SEN12MS(Source):
             key = check_key(f"{season}_{scene}_p{patch}")
             missing = [r for r in self.required if r not in files]
             if missing:
-                present = next(iter(files.values()))
+                # name a partner that is there, S1 first: never the land cover (lc_ sorts first)
+                present = next((files[r] for r in self.required if r in files), next(iter(files.values())))
                 bad.append(BadRecord(key, present, f"missing partner: no {', '.join(missing)} file for this patch"))
                 continue
             items.append(
