@@ -12,8 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures.services import REALDATA as REALDATA_ROOT
-from fixtures.shards import SIZE, all_batches, cfg_for, keys_of, sample_arrays, write_dataset
+from fixtures.services import realdata
+from fixtures.shards import (
+    SIZE,
+    all_batches,
+    band_stat,
+    cfg_for,
+    keys_of,
+    sample_arrays,
+    write_dataset,
+)
 
 from dsl.contracts.manifest import Manifest, read_manifest, shard_urls
 from dsl.contracts.shard_format import MANIFEST, S1_BANDS, S2_L1C_BANDS
@@ -25,8 +33,6 @@ from dsl.data import (
 )
 from dsl.data import pairs as pairs_mod
 from ingest.stats import BandStats
-
-REALDATA = REALDATA_ROOT / "sen12ms-cr"
 
 
 @pytest.fixture(scope="session")
@@ -74,11 +80,10 @@ def test_shard_urls_by_split(tmp_path):
 
 
 def _real_pair() -> tuple[np.ndarray, np.ndarray]:
-    rasterio = pytest.importorskip("rasterio")
-    s1_path = REALDATA / "ROIs1868_summer_s1_19_p30.tif"
-    s2_path = REALDATA / "ROIs1868_summer_s2_cloudy_19_p30.tif"
-    if not (s1_path.exists() and s2_path.exists()):
-        pytest.skip(f"real SEN12MS-CR patch not found under {REALDATA.resolve()} (shared/realdata absent)")
+    import rasterio  # a hard dependency: a missing one fails, never skips
+
+    s1_path = realdata("sen12ms-cr", "ROIs1868_summer_s1_19_p30.tif")  # skips (fails on CI) if absent
+    s2_path = realdata("sen12ms-cr", "ROIs1868_summer_s2_cloudy_19_p30.tif")
     with rasterio.open(s1_path) as r1, rasterio.open(s2_path) as r2:
         return r1.read(), r2.read()
 
@@ -163,6 +168,29 @@ def test_one_shard_two_ranks_two_workers(data):
     assert set(k0) | set(k1) == {f"loc{i:04d}" for i in range(24)}
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_shards_every_rank_yields_the_global_count(tmp_path, workers):
+    """Ranks whose own shares differ by more than a batch still yield the global count each.
+
+    Counting a rank's own share instead (29 vs 5 samples with 0 workers) would give the ranks
+    different epoch lengths, and the longer one would hang in its next collective.
+    """
+    root = write_dataset(tmp_path / "uneven", [29, 3, 2])
+    cfg = cfg_for(root, loader_workers=workers)
+    n = batches_per_epoch(cfg, 2)
+    assert n == 34 // 6 == 5
+    for epoch in (0, 1, 2):  # the shard deal changes per epoch: shares differ in every one
+        stream = pairs_mod.PairStream(cfg, read_manifest(root), 0, 2, epoch)
+        shares = [sum(stream._pass_samples(s) for s in stream.slots[r * stream.workers : (r + 1) * stream.workers])
+                  for r in (0, 1)]
+        assert abs(shares[0] - shares[1]) > cfg.batch_size, shares  # the case that would diverge
+        for rank in (0, 1):
+            loader = make_loader(cfg, rank, 2, epoch=epoch)
+            batches = list(loader)
+            assert len(batches) == len(loader) == n, (epoch, rank, shares)
+            assert all(len(b["key"]) == 3 for b in batches)
+
+
 def test_too_few_samples_is_an_error(tmp_path):
     cfg = cfg_for(write_dataset(tmp_path / "d", [2]), loader_workers=2)
     with pytest.raises(ValueError, match="gets no samples.*use fewer data.loader_workers"):
@@ -227,6 +255,23 @@ def test_band_selection_in_loader(data):
     assert batch["s1"].shape == (3, 1, 16, 16) and batch["s2"].shape == (3, 2, 16, 16)
     idx = [int(k[3:]) for k in batch["key"]]
     np.testing.assert_array_equal(batch["s2"][:, 0, 0, 0].numpy(), idx)  # S2 band 1 holds the index
+
+
+@pytest.mark.parametrize("s1_bands, s2_bands", [([1], [3, 1]), (None, None), ([1, 0], [12, 0, 5])])
+def test_selected_bands_use_their_own_statistics(tmp_path, s1_bands, s2_bands):
+    """Band b is normalised with mean/std of band b (10 b, b + 1 here), whatever is selected."""
+    root = write_dataset(tmp_path / "stats", [6], band_stats=True)
+    cfg = cfg_for(root, s1_bands=s1_bands, s2_bands=s2_bands, batch_size=6)
+    (batch,) = all_batches(cfg, train=False)  # centre crop: the window starts at (8, 8)
+    sel1, sel2 = s1_bands or list(range(2)), s2_bands or list(range(13))
+    assert batch["s1"].shape == (6, len(sel1), 16, 16) and batch["s2"].shape == (6, len(sel2), 16, 16)
+    for i, key in enumerate(batch["key"]):
+        s1, s2, _, _ = sample_arrays(int(key[3:]), SIZE)
+        for sensor, raw, sel in (("s1", s1, sel1), ("s2", s2, sel2)):
+            for c, b in enumerate(sel):
+                want = (raw[b, 8:24, 8:24].astype(np.float64) - band_stat(b)["mean"]) / band_stat(b)["std"]
+                np.testing.assert_allclose(batch[sensor][i, c].numpy(), want, rtol=1e-6, atol=1e-4,
+                                           err_msg=f"{key} {sensor} band {b} (output channel {c})")
 
 
 # ---------------------------------------------------------------- determinism and resume

@@ -64,3 +64,22 @@ def test_multi_label_by_hand():
     assert m["overall_accuracy"] == pytest.approx(6 / 9)  # right (sample, class) decisions
     assert m["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
     assert m["micro_f1"] == pytest.approx(2 * 3 / (2 * 3 + 1 + 2))
+
+
+def test_macro_f1_counts_a_class_that_is_only_predicted():
+    # class 2 never occurs in the truth but is predicted once: its F1 is 0 and it counts
+    truth = np.array([0, 0, 1, 1])
+    pred = np.array([0, 2, 1, 1])
+    out = single_label_metrics(confusion(truth, pred))
+    # class 0: P=1 R=1/2 -> 2/3; class 1: P=R=1 -> 1; class 2: P=0 (1 FP), support 0 -> 0
+    assert out["metrics"]["macro_f1"] == pytest.approx((2 / 3 + 1 + 0) / 3)
+    assert out["metrics"]["average_accuracy"] == pytest.approx((1 / 2 + 1) / 2)  # recall: truth classes only
+    rows = {r["class"]: r for r in out["per_class"]}
+    assert rows["Grassland"] == {"class": "Grassland", "support": 0, "predicted": 1, "precision": 0.0,
+                                 "recall": 0.0, "f1": 0.0}
+    # multi-label: class 2 is absent from every truth row but predicted once
+    truth = np.array([[1, 0, 0], [0, 1, 0]])
+    pred = np.array([[1, 0, 1], [0, 1, 0]])
+    m = multi_label_metrics(multilabel_counts(truth, pred))["metrics"]
+    assert m["macro_f1"] == pytest.approx((1 + 1 + 0) / 3)
+    assert m["average_accuracy"] == pytest.approx(1.0)

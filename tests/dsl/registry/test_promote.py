@@ -111,6 +111,22 @@ def test_gate_promotes_better_and_rejects_worse_or_within_margin(uri):
     assert log["stack"] == ["1", "4"] and [e["action"] for e in log["log"]] == ["promote", "promote"]
 
 
+def test_exactly_the_margin_is_not_enough(uri):
+    """The candidate must beat the champion by MORE than the margin (binary-exact scores)."""
+    cfg = PromoteConfig(margin=0.25)
+    finetuned(uri, 1, 0.25, 0.75)  # mean 0.5
+    alias(uri, 1)
+    assert promote(cfg, NAME, uri)["decision"] == "promoted"
+    finetuned(uri, 2, 0.75)  # exactly champion + margin: 0.5 + 0.25 == 0.75 in binary
+    alias(uri, 2)
+    out = promote(cfg, NAME, uri)
+    assert (out["candidate_score"], out["champion_score"]) == (0.75, 0.5)
+    assert out["decision"] == "rejected" and champion(uri) == "1"
+    finetuned(uri, 3, 0.75, 0.7578125)  # mean 0.75390625: above it by 2**-8
+    alias(uri, 3)
+    assert promote(cfg, NAME, uri)["decision"] == "promoted" and champion(uri) == "3"
+
+
 def test_missing_scores_and_aliases_are_clear_errors(uri):
     alias(uri, 1)
     with pytest.raises(PromotionError, match="no finished fine-tuning run of model .* version 1 with task=single"):
