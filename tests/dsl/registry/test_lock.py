@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.registry import copy_registry, make_registry
 from fixtures.services import REPO
 
 from dsl.registry.lock import FileLock, LockTimeout, RegistryLock
@@ -124,21 +124,12 @@ KEY = "dsl.lock.champion"
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    from mlflow import MlflowClient
-
-    root = tmp_path_factory.mktemp("lock-template")
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    client.create_experiment("finetune", artifact_location=(root / "artifacts").as_uri())
-    client.create_registered_model(NAME)
-    for _ in range(2):
-        client.create_model_version(NAME, source=str(root / "weights"))
-    return root / "mlflow.db"
+    return make_registry(tmp_path_factory.mktemp("lock-template"), NAME, 2)
 
 
 @pytest.fixture
 def uri(template, tmp_path) -> str:
-    shutil.copy(template, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return copy_registry(template, tmp_path)
 
 
 def lease(owner: str) -> str:

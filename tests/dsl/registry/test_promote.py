@@ -7,7 +7,6 @@ tagged as ``dsl finetune`` tags them; each test works on its own copy of a templ
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures.registry import copy_registry, make_registry
 from fixtures.services import REPO
 from mlflow import MlflowClient
 
@@ -31,19 +31,12 @@ VERSIONS = 6
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("promote-template")
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    client.create_experiment("finetune", artifact_location=(root / "artifacts").as_uri())
-    client.create_registered_model(NAME)
-    for _ in range(VERSIONS):
-        client.create_model_version(NAME, source=str(root / "weights"))
-    return root / "mlflow.db"
+    return make_registry(tmp_path_factory.mktemp("promote-template"), NAME, VERSIONS)
 
 
 @pytest.fixture
 def uri(template, tmp_path) -> str:
-    shutil.copy(template, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return copy_registry(template, tmp_path)
 
 
 def finetuned(uri: str, version: int, *scores: float, task="single", fraction="0.1", method="dual",
