@@ -5,15 +5,20 @@ module records it), plus the command's output. ``test_ingest_commit.py`` covers 
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
+import tarfile
 from types import ModuleType, SimpleNamespace
 
+import numpy as np
 import pytest
 
 import dsl.runtime.ray_start as ray_start
 import ingest.run as run
 from dsl.contracts.config import Config, ConfigError, IngestConfig
+from ingest.raster import BadInput
 from ingest.sources import PairItem
+from ingest.sources.base import Pair
 
 
 def item(key: str, location: str, split: str | None = None) -> PairItem:
@@ -138,7 +143,8 @@ def test_partitions_run_as_bounded_ray_tasks(fake_ray, monkeypatch, address, pro
     ray, started = fake_ray
     done = []
 
-    def write_partition(cfg, part):
+    def write_partition(c, part):
+        assert c is cfg  # the config Ray shipped to the task
         done.append(part.index)
         return {"bad": part.index % 2, "seconds": 0.5 * part.index, "items": len(part.items)}
 
@@ -165,3 +171,73 @@ def test_command_needs_an_input_and_prints_what_it_wrote(monkeypatch, capsys):
     cfg = Config.model_validate({"ingest": {"input": "/raw", "output": "/out"}})
     assert run.command(cfg, None) == 0
     assert capsys.readouterr().out == "wrote 12 pairs in 3 shards ({'train': 12}), 2 quarantined, to /out\n"
+
+
+# ---------------------------------------------------------------- one partition, a stand-in source
+
+
+class FakeSource:
+    """A source whose items are read as given tiles: ``tiles[key]`` is a list of S2 band lists."""
+
+    def __init__(self, tiles: dict[str, list[list[str]] | str], estimate=None):
+        self.tiles, self.estimate = tiles, estimate or {}
+
+    def read(self, it: PairItem):
+        spec = self.tiles[it.key]
+        if isinstance(spec, str):
+            raise BadInput(f"/in/{it.key}.tif", spec)
+        return [Pair(key=f"{it.key}_{i}", location=it.location, s1=np.full((2, 4, 4), i, np.float32),
+                     s2=np.full((len(bands), 4, 4), 10 * i, np.uint16),
+                     meta={"key": f"{it.key}_{i}", "s2_bands": bands, "s2_file": f"/in/{it.key}_s2.tif"})
+                for i, bands in enumerate(spec)]
+
+    def estimate_bytes(self, it: PairItem) -> float:
+        value = self.estimate.get(it.key, 1000.0)
+        if value is None:
+            raise BadInput(f"/in/{it.key}.tif", "no header")
+        return value
+
+
+def test_write_partition_quarantines_a_band_set_that_differs(tmp_path, monkeypatch):
+    made = []
+    source = FakeSource({"a": [["B1", "B2"], ["B1", "B3"], ["B1", "B2"]], "b": "unreadable", "c": [["B1", "B2"]]})
+    monkeypatch.setattr(run, "get_source", lambda name, tile: made.append((name, tile)) or source)
+    cfg = IngestConfig(input="/in", output=str(tmp_path), source="table", tile_size=64)
+    part = run.Partition("train", 4, (item("a", "x"), item("b", "y"), item("c", "z")), "px")
+    out = run.write_partition(cfg, part)
+    assert made == [("table", 64)]
+    seconds = out.pop("seconds")
+    assert 0 <= seconds < 60
+    assert out == {"shard": "px-train-000004.tar", "samples": 3, "bad": 2, "items": 3}
+    side = json.loads((tmp_path / "_parts" / "px-train-000004.tar.json").read_text())
+    assert side["partition"] == "px-train-000004.tar" and side["items"] == 3 and side["s2_bands"] == ["B1", "B2"]
+    assert side["keys"] == ["a_0", "a_2", "c_0"]  # the tile after the odd one is still written
+    assert side["bad"] == [
+        {"key": "a_1", "file": "/in/a_s2.tif", "reason": "band set ['B1', 'B3'] differs from ['B1', 'B2']"},
+        {"key": "b", "file": "/in/b.tif", "reason": "unreadable"}]
+    assert side["shard"]["name"] == "px-train-000004.tar" and side["shard"]["split"] == "train"
+    with tarfile.open(tmp_path / "px-train-000004.tar") as tar:
+        meta = json.loads(tar.extractfile("a_2.json").read())
+    assert meta["split"] == "train"
+
+
+def test_a_partition_of_bad_items_commits_no_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "get_source", lambda name, tile: FakeSource({"a": "broken"}))
+    out = run.write_partition(IngestConfig(input="/in", output=str(tmp_path)), run.Partition(None, 0, (item("a", "x"),)))
+    assert (out["samples"], out["bad"]) == (0, 1)
+    side = json.loads((tmp_path / "_parts" / "pairs-000000.tar.json").read_text())
+    assert side["shard"] is None and side["s2_bands"] is None and side["stats"]["s2"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_parts"]
+
+
+def test_items_per_shard_from_the_first_readable_header():
+    items = [item("a", "x"), item("b", "y"), item("c", "z")]
+    assert run.items_per_shard(FakeSource({}, {"a": None, "b": 250_000.0}), items, 1.0) == 4
+    assert run.items_per_shard(FakeSource({}, {"a": 500_000.25}), items, 1.0) == 1  # floor, not more
+    assert run.items_per_shard(FakeSource({}, {"a": 5e6}), items, 1.0) == 1  # bigger than a shard: one each
+    assert run.items_per_shard(FakeSource({}, {"a": None, "b": None, "c": None}), items, 1.0) == 1
+
+
+def test_splits_are_planned_in_name_order_none_first():
+    items = [item("b", "x", "B"), item("a", "y"), item("c", "z", "A")]
+    assert [p.split for p in run.plan_partitions(items, 5, 0.0, "pairs")] == [None, "A", "B"]

@@ -83,13 +83,14 @@ def test_local_shard_is_a_plain_tar_committed_by_rename(tmp_path):
     w = ShardWriter(url)
     assert w.local and re.fullmatch(re.escape(url) + r"\.tmp-[0-9a-f]{8}", w.tmp_path)
     assert os.path.dirname(w.tmp_path) == os.path.dirname(url) and not os.path.exists(url)
-    sizes = {"k0.s1.npy": 700, "k0.json": 512, "k1.s1.npy": 1, "k1.json": 0}
+    sizes = {"k0.s1.npy": 700, "k0.json": 513, "k1.s1.npy": 1, "k1.json": 0}  # data ends at 4608
     w.add(members(dict(list(sizes.items())[:2])))
     w.add(members(dict(list(sizes.items())[2:])))
     assert w.count == 2
     info = w.commit()
     assert not os.path.exists(w.tmp_path) and os.listdir(os.path.dirname(url)) == ["pairs-000000.tar"]
     check_tar(Path(url), info, sizes, 2)
+    assert info["bytes"] == RECORD and Path(url).read_bytes()[4608:] == b"\0" * (RECORD - 4608)
     # the same samples again: byte-identical (mtime 0), so a rerun's shard equals the first
     again = ShardWriter(url)
     again.add(members(dict(list(sizes.items())[:2])))
@@ -144,6 +145,7 @@ def test_object_store_shard_is_one_put_from_a_local_temp(memfs):
     assert not os.path.exists(w.tmp_path) and set(os.listdir(tempfile.gettempdir())) == before
     data = memfs.cat_file("/bucket/ds/pairs-000001.tar")
     assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "samples": 1}
+    assert len(data) == RECORD and data[2 * BLOCK:] == b"\0" * (RECORD - 2 * BLOCK)  # one member, then zeros
     w = ShardWriter("memory://bucket/ds/pairs-000002.tar")
     w.abort()
     assert not os.path.exists(w.tmp_path) and not memfs.exists("/bucket/ds/pairs-000002.tar")

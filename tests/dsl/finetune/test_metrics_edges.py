@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dsl.finetune.metrics import (
+    _ratio,
     confusion,
     multi_label_metrics,
     multilabel_counts,
@@ -90,3 +91,11 @@ def test_per_class_markdown_byte_for_byte():
         "| Forest | 2 | 1 | 1.0000 | 0.5000 | 0.6667 |\n"
         "| Shrubland | 1 | 2 | 0.5000 | 1.0000 | 0.6667 |\n"
     )
+
+
+def test_a_ratio_over_zero_is_zero_whatever_the_memory_held():
+    for n in (1, 8, 64, 1000):
+        garbage = np.full(n, 7.0)  # freed just before: numpy hands its memory out again
+        del garbage
+        assert _ratio(np.arange(1, n + 1), np.zeros(n)).tolist() == [0.0] * n
+    assert _ratio(np.array([1, 3]), np.array([2, 0])).tolist() == [0.5, 0.0]

@@ -41,8 +41,8 @@ class Clock:
         return self.now - T0
 
     def sleep(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("sleep length must be non-negative")
+        if seconds <= 0:  # every wait here (jitter, back-off, settle) is a real one: no busy loop
+            raise ValueError(f"sleep({seconds}): a wait that does not wait")
         self.sleeps.append(round(seconds, 9))
         self.now += seconds
         if self.on_sleep:

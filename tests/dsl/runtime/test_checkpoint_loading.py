@@ -3,11 +3,33 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from dsl.runtime.checkpoint import load_state, safe_load, save_state, use_safe_loading
+
+
+class MakesFolder:
+    """Unpickling this makes a folder: the side effect a refused file must never have."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_safe_load_stays_safe_when_the_environment_asks_torch_for_unsafe_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # only a call that leaves weights_only unset obeys
+    marker = tmp_path / "pwned"
+    path = tmp_path / "hostile.pt"
+    torch.save({"w": torch.ones(1), "x": MakesFolder(str(marker))}, path)
+    with pytest.raises(ValueError, match="is not a plain tensor checkpoint"):
+        safe_load(str(path))
+    assert not marker.exists()
 
 
 def test_safe_load_maps_tensors_where_asked(tmp_path):
