@@ -138,6 +138,16 @@ def _train_workers() -> list[psutil.Process]:
             if "RayTrainWorker" in " ".join(p.info["cmdline"] or []) and ours(p)]
 
 
+def _registered_checkpoint(run_dir: Path) -> bool:
+    """Whether Ray Train's checkpoint manager has recorded a checkpoint in its snapshot."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        state = json.loads(snapshot.read_text())
+    except (OSError, ValueError):
+        return False  # not written yet, or caught mid-write
+    return state.get("latest_checkpoint_result") is not None
+
+
 def test_worker_killed_mid_run_and_run_completes(shards, tmp_path, ray_session):
     cfg = tiny(tmp_path, shards, "optim.max_steps=40", "scale.checkpoint_every=10", "scale.name=failing")
     box: dict = {}
@@ -145,8 +155,9 @@ def test_worker_killed_mid_run_and_run_completes(shards, tmp_path, ray_session):
     thread.start()
     runs = tmp_path / "runs" / "failing"
     deadline = time.time() + 300
-    # two checkpoints in storage: the first one is surely registered with Ray Train by now
-    while len(list(runs.glob("checkpoint_*/state.json"))) < 2 and time.time() < deadline:
+    # a checkpoint on disk is not yet one Ray Train restores from: its controller registers a
+    # report when it polls the workers (every 2 s), and records that in its snapshot file
+    while not _registered_checkpoint(runs) and time.time() < deadline:
         time.sleep(0.5)
     victims = _train_workers()
     assert len(victims) == 2, victims
