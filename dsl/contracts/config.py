@@ -260,6 +260,9 @@ class Config(Section):
         if self.deepspeed.precision == "fp16" and not self.scale.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs GPUs (scale.use_gpu=true): DeepSpeed's CPU "
                              "accelerator has no fp16; use bf16 or fp32 on CPU")
+        if self.model.norm == "syncbatch" and not self.scale.use_gpu:
+            raise ValueError("model.norm syncbatch needs GPUs (scale.use_gpu=true): torch's SyncBatchNorm "
+                             "refuses CPU tensors; use batch or group on CPU")
         return self
 
 

@@ -13,6 +13,8 @@ gradient averaging are in :mod:`dsl.losses.gather`; ``gather_with_grad=False`` w
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,15 +35,25 @@ def normalize(z: Tensor) -> Tensor:
     return F.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
 
 
+# As CLIP: a learnable temperature stays within [1/100, 1].
+MAX_LOGIT_SCALE = math.log(100)
+
+
 def inverse_temperature(logit_scale: Tensor | None, temperature: float) -> Tensor | float:
-    """``exp(logit_scale)`` when the model learns it, else the fixed ``1 / temperature``."""
+    """``exp(logit_scale)`` clamped to [1, 100] when the model learns it, else ``1 / temperature``.
+
+    The clamp lives here, in the forward, rather than as an in-place edit of the parameter after
+    the optimizer step: under ZeRO or bf16 the optimizer's fp32 master copy overwrites such an
+    edit at the next step, so the effective temperature would escape the bound. Clamped, the
+    gradient is zero beyond the bound, and weight decay is off for this parameter.
+    """
     if logit_scale is None:
         return 1.0 / temperature
     if logit_scale.numel() != 1:
         raise ValueError(
             f"logit_scale must hold one value (shape [1]), got shape {tuple(logit_scale.shape)}"
         )
-    return logit_scale.exp()
+    return logit_scale.clamp(0.0, MAX_LOGIT_SCALE).exp()
 
 
 def check_temperature(temperature: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import timm
 import torch
 from torch import Tensor, nn
 
@@ -163,5 +164,11 @@ def build_model(
         return make_backbone(names[m], chans[m], model_cfg.norm, img_size)
 
     if loss_cfg.name == "simclr":
-        return SingleEncoder(backbone(modality), modality=modality, **heads)
-    return DualEncoder(backbone("s1"), backbone("s2"), **heads)
+        model = SingleEncoder(backbone(modality), modality=modality, **heads)
+    else:
+        model = DualEncoder(backbone("s1"), backbone("s2"), **heads)
+    if model_cfg.norm == "syncbatch":
+        # The heads' BatchNorm1d too: per-rank statistics in the projection head let a rank tell
+        # its local negatives from the gathered remote ones (SimCLR's information leak).
+        model = timm.layers.convert_sync_batchnorm(model)
+    return model

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from dsl.losses.dual_ntxent import inverse_temperature
 
 
 class Objective(nn.Module):
@@ -35,19 +35,29 @@ class Objective(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, out1, out2)``; the loss in fp32 whatever the engine's precision."""
         out1, out2 = self.encode(a, b)
+        self._read_temperature()
         return self.loss(out1.float(), out2.float(), self.logit_scale), out1, out2
+
+    @torch.no_grad()
+    def _read_temperature(self) -> None:
+        # Read inside the engine's forward, where ZeRO-3 has the parameter gathered; the value
+        # the loss uses, i.e. after its clamp.
+        if self.logit_scale is not None:
+            self._temperature = 1.0 / inverse_temperature(self.logit_scale.float(), 1.0)
 
     @property
     def logit_scale(self) -> nn.Parameter | None:
         """The model's learnable ``log(1 / temperature)`` ([1]), or None for a fixed one."""
         return getattr(self.model, "logit_scale", None)
 
-    @torch.no_grad()
     def after_step(self) -> None:
-        """As CLIP: the learnable temperature never falls below 1/100."""
-        if self.logit_scale is not None:
-            self.logit_scale.clamp_(0, math.log(100))
+        """Called after each optimizer step; nothing by default.
+
+        Parameters are never edited here: under ZeRO or bf16 the optimizer's fp32 master would
+        overwrite the edit at the next step (the temperature is clamped inside the loss).
+        """
 
     def temperature(self) -> float | None:
-        """The current learnable temperature, for logging; None when fixed."""
-        return None if self.logit_scale is None else math.exp(-self.logit_scale.item())
+        """The effective learnable temperature of the last forward, for logging; None when fixed."""
+        value = getattr(self, "_temperature", None)
+        return None if value is None else float(value)

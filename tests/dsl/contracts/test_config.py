@@ -62,3 +62,9 @@ def test_fp16_on_cpu_is_refused_before_any_worker_starts():
         load_config(None, ["deepspeed.precision=fp16"])
     assert load_config(None, ["deepspeed.precision=fp16", "scale.use_gpu=true"]).deepspeed.precision == "fp16"
     assert load_config(None, ["deepspeed.precision=bf16"]).deepspeed.precision == "bf16"
+
+
+def test_syncbatch_needs_gpus():
+    with pytest.raises(ConfigError, match="model.norm syncbatch needs GPUs"):
+        load_config(None, ["model.norm=syncbatch"])
+    assert load_config(None, ["model.norm=syncbatch", "scale.use_gpu=true"]).model.norm == "syncbatch"

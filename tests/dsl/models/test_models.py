@@ -85,6 +85,15 @@ def test_syncbatch_converts():
     assert not any(type(m) is nn.BatchNorm2d for m in net.modules())
 
 
+def test_syncbatch_reaches_the_projection_heads():
+    for loss in ("dual_ntxent", "simclr"):
+        model = build_model(TINY.model_copy(update={"norm": "syncbatch"}), LossConfig(name=loss), S1, S2)
+        heads = [model.s1_head, model.s2_head] if loss == "dual_ntxent" else [model.head]
+        for head in heads:
+            assert any(isinstance(m, nn.SyncBatchNorm) for m in head.modules()), loss
+        assert not any(type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) for m in model.modules()), loss
+
+
 def test_learnable_temperature():
     model = build_model(TINY, LossConfig(name="clip", learnable_temperature=True), S1, S2)
     assert isinstance(model.logit_scale, nn.Parameter) and model.logit_scale.shape == (1,)
