@@ -17,6 +17,7 @@ import torch
 
 STATE = "state.json"
 DS_TAG = "deepspeed"
+FULL_STATE = "full_state.pt"  # dsl.runtime.full_state: the state for another world size
 
 
 def _safe_globals() -> list:
@@ -80,3 +81,52 @@ def load_state(directory: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"checkpoint {directory} has no readable {STATE}: {e}") from None
+
+
+def engine_counters(engine, world: int) -> dict:
+    """What a resume on another world size needs besides the weights (plain JSON values).
+
+    ``optimizer_steps`` counts the steps the optimizer took: an fp16 step skipped for an
+    overflow advances DeepSpeed's ``global_steps`` but neither the optimizer nor the LR schedule.
+    """
+    return {
+        "world": world,
+        "global_steps": engine.global_steps,
+        "skipped_steps": engine.skipped_steps,
+        "global_samples": engine.global_samples,
+        "optimizer_steps": engine.global_steps - engine.skipped_steps,
+        "lr_scheduler": engine.lr_scheduler.state_dict(),
+    }
+
+
+def resume_engine(engine, directory: Path, world: int, batch_size: int) -> dict:
+    """Load a checkpoint into ``engine`` (collective) and return the stream position to resume at.
+
+    Written by the same number of workers, DeepSpeed's own per-rank files are loaded. Written by
+    another number (an elastic resume, or a cluster that came back smaller), the world-size-free
+    :data:`FULL_STATE` is: fp32 master weights and AdamW moments, then the step counters and
+    the LR schedule. The position is then counted in global samples: ``batch`` becomes the
+    first batch of the new world size not yet fully consumed, replaying less than one global
+    batch when the old and new global batches do not divide each other.
+
+    Raises:
+        ValueError: An unreadable ``state.json`` or full state, or one from another model.
+    """
+    from dsl.runtime import full_state
+
+    state = load_state(directory)
+    position = {"epoch": state["position"]["epoch"], "batch": state["position"]["batch"]}
+    if state.get("world", world) == world:  # checkpoints written before "world" was recorded: same size
+        engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=True)
+        return position
+    saved = safe_load(str(directory / FULL_STATE))
+    full_state.load(engine, saved["weights"], saved["moments"], optimizer_steps=state["optimizer_steps"])
+    scheduler = engine.lr_scheduler
+    scheduler.load_state_dict(state["lr_scheduler"])
+    # the schedule's state alone does not reach the optimizer until its next step()
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    engine.global_steps, engine.skipped_steps = state["global_steps"], state["skipped_steps"]
+    engine.global_samples = state["global_samples"]
+    position["batch"] = state["position"]["samples"] // (world * batch_size)
+    return position

@@ -29,9 +29,38 @@ def deepspeed_config(ds: DeepSpeedConfig, micro_batch_size: int) -> dict:
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        # Gradients are summed across ranks in fp32 and, under ZeRO, accumulated over micro-batches
+        # in fp32: in bf16, 8 bits of mantissa lose small per-rank contributions. (DeepSpeed
+        # refuses fp32 accumulation without ZeRO; its stage-0 bf16 wrapper keeps an fp32 master.)
+        # fp16 keeps DeepSpeed's default: the loss scaler's overflow check expects fp16 gradients.
+        **({"communication_data_type": "fp32"} if ds.precision == "bf16" else {}),
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if ds.precision == "bf16" and ds.zero_stage else {}),
         "steps_per_print": 1 << 30,
         "zero_allow_untested_optimizer": True,  # we pass a plain torch AdamW (no fused_adam build)
     }
+
+
+def no_decay_groups(params: Iterable) -> list[dict]:
+    """Split parameters (or groups) so norms, biases and scalars get no weight decay.
+
+    A parameter of fewer than two dimensions (bias, norm scale and shift, the learnable
+    temperature) is not a weight matrix: decaying it pulls BatchNorm towards zero output and
+    the temperature towards 1, which is not the regulariser AdamW's decay is meant to be.
+    Each group keeps its other settings (``lr``...); the decayed half keeps its
+    ``weight_decay`` (or the optimizer default), the other gets ``weight_decay=0``.
+    """
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for group in groups:
+        members = list(group["params"])
+        decay = [p for p in members if p.ndim >= 2]
+        keep = [p for p in members if p.ndim < 2]
+        if decay:
+            out.append({**group, "params": decay})
+        if keep:
+            out.append({**group, "params": keep, "weight_decay": 0.0})
+    return out
 
 
 def build_engine(
@@ -47,14 +76,15 @@ def build_engine(
         module: What the engine's forward runs; every parameter a step needs must be used
             inside its forward (ZeRO-3 gathers partitions there).
         params: Parameters or parameter groups (groups may set their own ``lr`` and
-            ``weight_decay``; ``optim`` gives the defaults).
+            ``weight_decay``; ``optim`` gives the defaults). Norms, biases and other
+            parameters of fewer than two dimensions get no weight decay (:func:`no_decay_groups`).
         optim: Learning rate, weight decay, warmup and the step count of the schedule.
         ds: ZeRO stage, precision, accumulation, clipping.
         micro_batch_size: Samples per rank per forward.
     """
     import deepspeed  # imported late: it picks its accelerator on import, after worker set-up
 
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    optimizer = torch.optim.AdamW(no_decay_groups(params), lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(ds, micro_batch_size),
