@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 from dsl.contracts.config import ConfigError
-from dsl.contracts.storage import storage_env
 
 REPO = Path(__file__).resolve().parents[1]
-# What a job's working directory need not carry: data, runs, environments, caches.
-EXCLUDES = [".venv", "work", ".git", ".cache", "**/__pycache__", ".pytest_cache", "*.db", "mlruns", ".whl", ".gl"]
+# What a job's working directory need not carry: data, runs, environments, caches, mutmut's copies.
+EXCLUDES = [".venv", "work", ".git", ".cache", "**/__pycache__", ".pytest_cache", "*.db", "mlruns", ".whl", ".gl",
+            "mutants"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -38,9 +38,11 @@ def submit(address: str, args: list[str], submission_id: str | None = None, ship
             running twice (the scheduler uses one per slot).
         ship_code: Upload this repository as the job's working directory (else the cluster
             must have DSL installed).
-        env: Extra environment variables; object-storage settings (AWS_* ...) are forwarded.
+        env: Extra environment variables for the job. Object-storage credentials are not
+            sent: the cluster's nodes have their own (environment, instance role), and a job's
+            runtime environment is readable by everyone with access to the dashboard.
     """
-    runtime_env: dict = {"env_vars": {**storage_env(), **(env or {})}}
+    runtime_env: dict = {"env_vars": dict(env or {})}
     if ship_code:
         runtime_env["working_dir"] = str(REPO)
         runtime_env["excludes"] = EXCLUDES

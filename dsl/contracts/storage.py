@@ -37,12 +37,6 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
-def storage_env() -> dict[str, str]:
-    """Variables that select and authenticate object storage, to forward to Ray workers."""
-    keep = ("AWS_", "FSSPEC_", "S3_", "GOOGLE_", "AZURE_")
-    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
-
-
 def register_webdataset_handlers() -> None:
     """Teach webdataset's gopen to open any fsspec URL (it has no s3:// handler of its own)."""
     import importlib
@@ -68,7 +62,9 @@ def ray_storage(path: str):
     import pyarrow.fs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}
+    # no region of ours: the AWS SDK resolves it its standard way (AWS_DEFAULT_REGION, AWS_REGION,
+    # the config file's profile), as botocore does for s3fs
+    kwargs: dict[str, Any] = {}
     if endpoint:
         u = urlparse(endpoint)
         kwargs.update(endpoint_override=u.netloc, scheme=u.scheme or "https")

@@ -36,7 +36,7 @@ from dsl.contracts.model_card import load_card
 from dsl.contracts.provenance import code_version
 from dsl.contracts.shard_format import MANIFEST
 from dsl.contracts.storage import join
-from dsl.runtime.trainer import local_cpus, resolve_paths
+from dsl.runtime.trainer import resolve_paths, start_ray
 
 
 @dataclass
@@ -144,7 +144,6 @@ def run_cells(cfg: Config, cells: list[Cell], job: str | None = None, parent_run
     from dsl.finetune.labels import class_counts, read_labels, select_fraction
     from dsl.finetune.loop import finetune_loop
     from dsl.finetune.metrics import METRICS
-    from dsl.runtime.ray_start import init_ray
     from dsl.runtime.tracking import client as mlflow_client
     from dsl.runtime.tracking import experiment_id
     from dsl.runtime.trainer import make_trainer
@@ -155,7 +154,7 @@ def run_cells(cfg: Config, cells: list[Cell], job: str | None = None, parent_run
     sha = manifest_sha256(cfg.data.shards)
     backbones = _check_backbones(cfg, cells, manifest)
     table = read_labels(cfg.data.shards, cfg.data.split, manifest)
-    init_ray(cfg.scale.address, num_cpus=local_cpus(cfg))
+    start_ray(cfg)  # joins the cluster this job runs in, if any
     client = mlflow_client(cfg.mlflow.tracking_uri)
     exp_id = experiment_id(client, cfg)
     specs = []

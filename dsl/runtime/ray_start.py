@@ -1,4 +1,4 @@
-"""Starting or joining Ray the same way for every job."""
+"""Starting or joining Ray the same way for every job, locally and on a cluster."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import atexit
 import os
 import shutil
 import tempfile
-
-from dsl.contracts.storage import storage_env
 
 _temp_dir: str | None = None  # of the local Ray this process started, if any
 
@@ -17,21 +15,33 @@ def local_temp_dir() -> str | None:
     return _temp_dir
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (a cluster) or start a local Ray bound to 127.0.0.1.
+def cluster_address(address: str | None = None) -> str | None:
+    """The Ray cluster this process joins: ``address``, else the one it runs in, else None.
 
-    Reuses an already initialised Ray (tests share one). Storage credentials and endpoints
-    (AWS_* ...) are forwarded to workers so s3:// works the same in every task.
+    Inside a Ray job (what ``dsl submit`` runs) Ray sets ``RAY_ADDRESS`` to its cluster.
+    """
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` or the one this job runs in; else start a local Ray.
+
+    Reuses an already initialised Ray (tests share one). A joined cluster is used as it is:
+    its nodes declare their own CPUs (``num_cpus`` is ignored), a Ray job keeps the runtime
+    environment it was submitted with (Ray refuses a second one) and storage credentials come
+    from each node's own environment or instance role. A local Ray is bound to 127.0.0.1; its processes
+    inherit this process's environment (storage settings included), so nothing secret is put
+    in a runtime_env, where Ray's job API and logs would show it.
     """
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
-    runtime_env = {"env_vars": storage_env()}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+    joining = cluster_address(address)
+    if joining:
+        ray.init(address=joining, log_to_driver=False)
         return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # else Ray writes ~/.ray/auth_token
     # short temp dir: Ray's unix socket paths must stay under 107 characters
     global _temp_dir
     temp_dir = _temp_dir = tempfile.mkdtemp(prefix="dslray-", dir="/tmp")
@@ -41,7 +51,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             include_dashboard=False,
             _temp_dir=temp_dir,
             _node_ip_address="127.0.0.1",
-            runtime_env=runtime_env,
             log_to_driver=False,
             configure_logging=False,
         )
@@ -52,6 +61,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     # returns (the CLI) stops its Ray and removes the folder too.
     atexit.unregister(shutdown_ray)  # once, and after this ray.init's own hook
     atexit.register(shutdown_ray)
+
+
+def alive_nodes() -> int:
+    """How many nodes of the Ray this process started or joined are alive."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
 def shutdown_ray() -> None:

@@ -1,17 +1,20 @@
 """What every Ray Train job (pretraining, fine-tuning) shares.
 
-That is the driver's path resolution, the trainer and the worker's set-up.
+That is the driver's path resolution and Ray start, the trainer and the worker's set-up.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from dsl.contracts.config import Config
+from dsl.contracts.errors import UserError
 from dsl.contracts.storage import is_local, ray_storage
+from dsl.runtime.ray_start import alive_nodes, cluster_address, init_ray
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -32,8 +35,40 @@ def resolve_paths(cfg: Config) -> Config:
 
 
 def local_cpus(cfg: Config) -> int | None:
-    """CPUs for a local Ray that fits ``cfg.scale``'s workers; None when joining a cluster."""
-    return None if cfg.scale.address else max(2, int(cfg.scale.num_workers * cfg.scale.cpus_per_worker))
+    """CPUs for a local Ray that fits ``cfg.scale``'s workers.
+
+    None when joining a cluster (``scale.address``, or the Ray job this runs in): its nodes
+    have their own.
+    """
+    if cluster_address(cfg.scale.address):
+        return None
+    return max(2, int(cfg.scale.num_workers * cfg.scale.cpus_per_worker))
+
+
+def require_shared_tracking(tracking_uri: str, nodes: int) -> None:
+    """Refuse a tracking store on one node's disk when the job's Ray has more than one node.
+
+    Rank 0 logs the metrics and may land on any node; a sqlite file or an ``mlruns`` folder on
+    the driver's disk is not there.
+
+    Raises:
+        UserError: ``tracking_uri`` is a sqlite or file store and ``nodes`` > 1.
+    """
+    scheme = urlparse(tracking_uri).scheme
+    on_disk = scheme in ("sqlite", "file") or (scheme == "" and not tracking_uri.startswith("databricks"))
+    if nodes > 1 and on_disk:
+        raise UserError(f"mlflow.tracking_uri={tracking_uri} is on one node's disk, but this Ray cluster has "
+                        f"{nodes} nodes: run an `mlflow server` and set mlflow.tracking_uri=http://<host>:<port>")
+
+
+def start_ray(cfg: Config) -> None:
+    """Start or join Ray for a training job, and check every node can reach its tracking store.
+
+    Raises:
+        UserError: See :func:`require_shared_tracking`.
+    """
+    init_ray(cfg.scale.address, num_cpus=local_cpus(cfg))
+    require_shared_tracking(cfg.mlflow.tracking_uri, alive_nodes())
 
 
 def setup_worker(cfg: Config) -> tuple[int, int, torch.device]:

@@ -16,7 +16,7 @@ from dsl.contracts.manifest import manifest_sha256
 from dsl.contracts.provenance import code_version
 from dsl.contracts.shard_format import MANIFEST
 from dsl.contracts.storage import join
-from dsl.runtime.trainer import local_cpus, resolve_paths
+from dsl.runtime.trainer import resolve_paths, start_ray
 
 
 def _mlflow_run(cfg: Config, job: str, manifest_sha: str) -> str:
@@ -46,7 +46,6 @@ def pretrain(cfg: Config) -> dict:
     """Run (or resume) a pretraining job; returns run id, model version and final metrics."""
     from dsl.registry import register_backbones
     from dsl.runtime.checkpoint import load_state
-    from dsl.runtime.ray_start import init_ray
     from dsl.runtime.tracking import client as mlflow_client
     from dsl.runtime.trainer import make_trainer
     from dsl.train.loop import train_loop
@@ -55,7 +54,7 @@ def pretrain(cfg: Config) -> dict:
     cfg = resolve_paths(cfg)
     manifest_sha = manifest_sha256(cfg.data.shards)
     job = cfg.scale.name if cfg.scale.resume else f"{cfg.scale.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    init_ray(cfg.scale.address, num_cpus=local_cpus(cfg))
+    start_ray(cfg)  # joins the cluster this job runs in, if any
     run_id = _mlflow_run(cfg, job, manifest_sha)
     client = mlflow_client(cfg.mlflow.tracking_uri)
     trainer = make_trainer(cfg, train_loop, {"cfg": dump_config(cfg), "run_id": run_id, "launch_time": launch_time}, job)

@@ -1,9 +1,10 @@
-"""A local Ray started by ``init_ray`` leaves nothing behind: not its processes, not its folder."""
+"""``init_ray``: a local Ray leaves nothing behind; inside a Ray job it joins that job's cluster."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ import psutil
 import pytest
 from fixtures.services import REPO
 
-pytestmark = pytest.mark.slow  # starts Ray twice, in a child process
+from cluster import jobs
+
+pytestmark = pytest.mark.slow  # starts Ray twice, in a child process; jobs on a Ray head
 
 JOB = """
 import json, os
@@ -53,3 +56,30 @@ def test_shutdown_and_exit_remove_ray_and_its_folder():
     assert not Path(second).exists(), "the exit hook did not remove the folder"
     _, alive = psutil.wait_procs(naming(out["first"]) + naming(second), timeout=15)
     assert not alive, [" ".join(p.cmdline()) for p in alive]
+
+
+# What `dsl submit` runs, reduced to the start: init_ray as a job's driver calls it.
+IN_A_JOB = """
+import json, os, ray
+from dsl.runtime.ray_start import init_ray, local_temp_dir
+init_ray({args})
+env = ray.get(ray.remote(num_cpus=0)(lambda: os.environ.get("AWS_DSL_JOB_ENV")).remote())
+print("RESULT", json.dumps({{"own_ray": local_temp_dir() is not None, "cpus": ray.cluster_resources().get("CPU"),
+                            "task_env": env}}))
+"""
+
+
+@pytest.mark.parametrize("args", ["num_cpus=1", "os.environ['RAY_ADDRESS'], num_cpus=1"], ids=["local", "address"])
+def test_inside_a_job_init_ray_joins_its_cluster_and_keeps_its_runtime_env(ray_head, args):
+    from ray.job_submission import JobSubmissionClient
+
+    sid = JobSubmissionClient(ray_head).submit_job(
+        entrypoint=f"python -c {shlex.quote(IN_A_JOB.format(args=args))}",
+        # an AWS_* variable, as in a job submitted with storage settings: declaring it again in
+        # ray.init is a conflict Ray refuses ("Failed to merge the Job's runtime env")
+        runtime_env={"working_dir": str(REPO), "excludes": jobs.EXCLUDES, "env_vars": {"AWS_DSL_JOB_ENV": "the job's"}})
+    status, log = jobs.wait(ray_head, sid, timeout_s=300), jobs.logs(ray_head, sid)
+    assert status == "SUCCEEDED", log[-3000:]
+    result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
+    # the head's 2 CPUs, not a second Ray of num_cpus=1; its tasks still see the job's environment
+    assert result == {"own_ray": False, "cpus": 2.0, "task_env": "the job's"}
