@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import timm
 import torch
 from torch import Tensor, nn
 
 from dsl.contracts.config import LossConfig, ModelConfig
+from dsl.models._timm import timm
 from dsl.models.backbone import feature_maps, make_backbone
 from dsl.models.heads import ProjectionHead
 

@@ -94,7 +94,7 @@ def engine_counters(engine, world: int) -> dict:
         "global_steps": engine.global_steps,
         "skipped_steps": engine.skipped_steps,
         "global_samples": engine.global_samples,
-        "optimizer_steps": engine.global_steps - engine.skipped_steps,
+        "optimizer_steps": engine.global_steps - engine.skipped_steps,  # = engine.optimizer_steps()
         "lr_scheduler": engine.lr_scheduler.state_dict(),
     }
 

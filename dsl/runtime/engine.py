@@ -99,3 +99,13 @@ def build_engine(
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(dtype)
     return engine, dtype
+
+
+def optimizer_steps(engine) -> int:
+    """Optimizer steps ``engine`` has taken: DeepSpeed's ``global_steps`` without the skipped ones.
+
+    Under fp16 DeepSpeed skips the update (and the LR schedule's step) of a step whose gradients
+    overflowed, yet counts it in ``global_steps``: a job stopping at ``global_steps == max_steps``
+    would end before its schedule does.
+    """
+    return engine.global_steps - engine.skipped_steps

@@ -124,6 +124,29 @@ def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session
     assert second["model_version"] is not None
 
 
+def test_resume_on_another_number_of_workers(shards, tmp_path, ray_session):
+    """2 workers -> 1 -> 2: optimizer state, step count and LR schedule carry over."""
+    from dsl.runtime.lr_schedule import warmup_cosine
+
+    args = ["optim.max_steps=12", "optim.warmup_steps=2", "scale.checkpoint_every=4", "scale.log_every=1",
+            "data.batch_size=8", "scale.name=elastic"]
+    assert pretrain(tiny(tmp_path, shards, *args, "scale.stop_at_step=4"))["step"] == 4
+    assert pretrain(tiny(tmp_path, shards, *args, "scale.num_workers=1", "scale.stop_at_step=8"))["step"] == 8
+    cfg = tiny(tmp_path, shards, *args)
+    out = pretrain(cfg)
+    assert out["step"] == 12 and out["model_version"] is not None
+    assert [s for s, _ in history(cfg, out["run_id"], "loss")] == list(range(1, 13))
+    starts = [s for s, _ in history(cfg, out["run_id"], "launch_to_first_step_s")]
+    assert starts == [0, 4, 8]
+    # the LR after each step is the schedule's, across both changes of world size
+    factor = warmup_cosine(cfg.optim)
+    for step, lr in history(cfg, out["run_id"], "lr"):
+        assert lr == pytest.approx(cfg.optim.lr * factor(step)), step
+    # the stream position in global samples: 4 steps x 2 ranks x 8 = 64 samples = 8 one-rank batches
+    states = {load_state(p)["step"]: load_state(p) for p in (tmp_path / "runs" / "elastic").glob("checkpoint_*/")}
+    assert states[12]["world"] == 2 and states[12]["position"]["samples"] == 64 + 32 + 64
+
+
 def _train_workers() -> list[psutil.Process]:
     """Ray Train workers of the Ray this session started (children of its raylet), no other."""
     from dsl.runtime.ray_start import local_temp_dir
