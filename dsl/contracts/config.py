@@ -58,6 +58,16 @@ class DataConfig(Section):
     s2_bands: list[int] | None = None
     samples_per_epoch: int | None = Field(None, ge=1, description="default: manifest count")
     seed: int = 0
+    # Host -> device transfer (pretraining). The defaults keep the CPU path as it was; on GPUs
+    # set normalise_on_device=true (configs/pretrain/resnet50_multigpu.yaml does).
+    normalise_on_device: bool = Field(False, description="pretraining: the loader ships raw values "
+                                      "(S2 uint16, S1 float16 dB: half the bytes of float32) and the "
+                                      "training loop normalises them on its device with the same maths; "
+                                      "fine-tuning always normalises in its loader")
+    pin_memory: bool = Field(True, description="page-locked host batches, so host-to-GPU copies run "
+                             "asynchronously; only where CUDA is available")
+    device_prefetch: int = Field(1, ge=0, description="pretraining: batches copied to the device ahead "
+                                 "of the step (on a side CUDA stream); 0 copies each when it is needed")
 
 
 class ModelConfig(Section):
@@ -97,7 +107,9 @@ class DeepSpeedConfig(Section):
 
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="K micro-batches of data.batch_size per optimizer step, "
+                            "trained as ONE contrastive batch of K x batch_size x ranks (GradCache, every "
+                            "loss): one extra forward per micro-batch")
     grad_clip: float = Field(1.0, ge=0)
 
 
@@ -117,6 +129,13 @@ class ScaleConfig(Section):
     resume: bool = Field(True, description="continue the latest checkpoint of a run of this name")
     stop_at_step: int | None = Field(None, ge=1, description="end the job here (as if preempted); "
                                      "the LR schedule still runs to optim.max_steps")
+    # GPU speed settings (pretraining); channels_last and cudnn_benchmark are ignored on CPU.
+    channels_last: bool = Field(True, description="GPU: model weights and inputs in NHWC memory "
+                                "(channels_last), the layout tensor-core convolutions run in")
+    cudnn_benchmark: bool = Field(True, description="GPU: cuDNN times its convolution algorithms on "
+                                  "the first steps and keeps the fastest (crop and batch are fixed)")
+    compile: bool = Field(False, description="GPU only: torch.compile the objective's model in place "
+                          "before DeepSpeed wraps it; the first steps then spend minutes compiling")
 
 
 class MLflowConfig(Section):
@@ -128,6 +147,16 @@ class MLflowConfig(Section):
     registered_model: str = "dsl-dual-backbone"
     alias: str = "candidate"
     system_metrics: bool = True
+    system_metrics_interval_s: float = Field(5.0, gt=0, description="rank 0 samples CPU/GPU/disk/network")
+    # Rank 0's in-loop logging is best-effort (dsl/runtime/tracking.py): an outage of the
+    # tracking server costs metric points, never the job. These bound what it may cost.
+    buffer_points: int = Field(10_000, ge=1, description="metric points held while the server is "
+                               "slow or down; new points beyond are dropped")
+    retry_budget_s: float = Field(60.0, ge=0, description="how long one batch is retried (its last "
+                                  "attempt starts then) before its points are dropped")
+    request_timeout_s: float = Field(10.0, gt=0, description="connect/read timeout of one request")
+    flush_timeout_s: float = Field(30.0, ge=0, description="the most the end of training waits "
+                                   "for buffered points")
 
 
 FinetuneMethod = Literal["dual", "s1", "s2", "early_fusion", "late_fusion"]
@@ -260,6 +289,9 @@ class Config(Section):
         if self.deepspeed.precision == "fp16" and not self.scale.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs GPUs (scale.use_gpu=true): DeepSpeed's CPU "
                              "accelerator has no fp16; use bf16 or fp32 on CPU")
+        if self.scale.compile and not self.scale.use_gpu:
+            raise ValueError("scale.compile needs GPUs (scale.use_gpu=true): on CPU compiling costs more "
+                             "than it saves in a test-sized run; set scale.compile=false")
         if self.model.norm == "syncbatch" and not self.scale.use_gpu:
             raise ValueError("model.norm syncbatch needs GPUs (scale.use_gpu=true): torch's SyncBatchNorm "
                              "refuses CPU tensors; use batch or group on CPU")

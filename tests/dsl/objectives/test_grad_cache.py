@@ -22,10 +22,10 @@ import pytest
 import torch
 import torch.distributed as dist
 from fixtures.dist import GlooPool
-from fixtures.services import REPO
+from fixtures.shards import ingested_shards, tiny_config
 from torch import nn
 
-from dsl.contracts.config import DeepSpeedConfig, IngestConfig, LossConfig, OptimConfig, load_config
+from dsl.contracts.config import DeepSpeedConfig, LossConfig, OptimConfig
 from dsl.losses import build_loss
 from dsl.models.dual import DualEncoder
 from dsl.objectives import CrossModalPair
@@ -314,19 +314,9 @@ def test_deepspeed_step_equals_the_torch_grad_cache_step(deepspeed_pool, stage, 
 
 # --- the training loop (Ray Train + DeepSpeed ZeRO-2 on CPU) with grad_accum=2 ---
 
-TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_session):
-    from ingest.run import ingest
-    from ingest.synth import synthesise
-
-    root = tmp_path_factory.mktemp("grad-cache")
-    synthesise(root / "raw", "sen12ms", 320, seed=13, size=64)
-    ingest(IngestConfig(source="sen12ms", input=str(root / "raw"), output=str(root / "shards"),
-                        shard_size_mb=1, progress=False))
-    return root / "shards"
+    return ingested_shards(tmp_path_factory.mktemp("grad-cache"), "sen12ms", 320, seed=13)
 
 
 def test_training_loop_accumulates_two_micro_batches_per_step(shards, tmp_path, ray_session):
@@ -339,11 +329,9 @@ def test_training_loop_accumulates_two_micro_batches_per_step(shards, tmp_path, 
     from dsl.runtime.lr_schedule import warmup_cosine
     from dsl.train.pretrain import pretrain
 
-    cfg = load_config(TINY, [f"data.shards={shards}", "data.split=null", f"scale.storage_path={tmp_path / 'runs'}",
-                             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "data.batch_size=16",
-                             "deepspeed.grad_accum=2", "optim.max_steps=4", "scale.log_every=1",
-                             "scale.checkpoint_every=4", "scale.max_failures=0", "scale.name=grad-cache",
-                             "loss.name=clip", "loss.learnable_temperature=true"])
+    cfg = tiny_config(tmp_path, shards, "data.split=null", "data.batch_size=16", "deepspeed.grad_accum=2",
+                      "optim.max_steps=4", "scale.log_every=1", "scale.checkpoint_every=4", "scale.max_failures=0",
+                      "scale.name=grad-cache", "loss.name=clip", "loss.learnable_temperature=true")
     out = pretrain(cfg)
     assert out["step"] == 4 and out["model_version"] == "1"
     client = MlflowClient(cfg.mlflow.tracking_uri)

@@ -19,7 +19,8 @@ import psutil
 import pytest
 import s3fs
 import torch
-from fixtures.services import REPO, make_bucket
+from fixtures.services import make_bucket
+from fixtures.shards import TINY, ingested_shards, tiny_config
 from mlflow import MlflowClient
 
 from dsl.contracts.config import IngestConfig, load_config
@@ -31,21 +32,12 @@ from ingest.synth import synthesise
 
 pytestmark = pytest.mark.slow  # Ray Train + DeepSpeed jobs
 
-TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, ray_session):
-    root = tmp_path_factory.mktemp("pretrain")
-    synthesise(root / "raw", "sen12ms", 400, seed=11, size=64)
-    ingest(IngestConfig(source="sen12ms", input=str(root / "raw"), output=str(root / "shards"),
-                        shard_size_mb=1, val_fraction=0.1, progress=False))
-    return root / "shards"
+    return ingested_shards(tmp_path_factory.mktemp("pretrain"), "sen12ms", 400, seed=11, val_fraction=0.1)
 
 
-def tiny(tmp_path: Path, shards: str, *extra: str):
-    return load_config(TINY, [f"data.shards={shards}", f"scale.storage_path={tmp_path / 'runs'}",
-                              f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra])
+tiny = tiny_config
 
 
 def history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
