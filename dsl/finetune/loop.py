@@ -31,7 +31,7 @@ from dsl.finetune import metrics as M
 from dsl.finetune.models import build_finetune_model
 from dsl.runtime.checkpoint import load_state, save_state
 from dsl.runtime.engine import build_engine
-from dsl.runtime.tracking import log_metrics
+from dsl.runtime.tracking import MetricLogger, log_metrics
 from dsl.runtime.trainer import setup_worker
 
 
@@ -120,6 +120,9 @@ def run_cell(cfg: Config, manifest: dict, cell: dict, rank: int, world: int, dev
         from dsl.runtime.tracking import client as mlflow_client
 
         client = mlflow_client(cfg.mlflow.tracking_uri)
+    # per-epoch points are best-effort (a tracking outage must not stop the ranks mid-epoch);
+    # the cell's result, logged once at the end, is not
+    logger = MetricLogger(cfg, cell["run_id"] if rank == 0 else None)
     t0 = time.perf_counter()
     for epoch in range(epochs):
         engine.train()
@@ -130,9 +133,8 @@ def run_cell(cfg: Config, manifest: dict, cell: dict, rank: int, world: int, dev
             engine.backward(loss)
             engine.step()
             total, n = total + loss.item(), n + 1
-        mean = mean_across_ranks(total / max(n, 1))
-        if client is not None:
-            client.log_metric(cell["run_id"], "train_loss", mean, step=epoch)
+        logger.log({"train_loss": mean_across_ranks(total / max(n, 1))}, epoch)
+    logger.close()
     train_s = time.perf_counter() - t0
     counts = test_counts(engine, data, norm_manifest, ft, rank, world, device, dtype, (s1_chans, s2_chans))
     result = M.single_label_metrics(counts) if ft.task == "single" else M.multi_label_metrics(counts)
