@@ -59,7 +59,7 @@ class DataConfig(Section):
     samples_per_epoch: int | None = Field(None, ge=1, description="default: manifest count")
     seed: int = 0
     # Host -> device transfer (pretraining). The defaults keep the CPU path as it was; on GPUs
-    # set normalise_on_device=true (configs/pretrain/resnet50_multigpu.yaml does).
+    # normalise_on_device=true halves the bytes copied and frees the loader workers' CPU.
     normalise_on_device: bool = Field(False, description="pretraining: the loader ships raw values "
                                       "(S2 uint16, S1 float16 dB: half the bytes of float32) and the "
                                       "training loop normalises them on its device with the same maths; "

@@ -6,7 +6,7 @@ The manifest itself is a contract: :mod:`dsl.contracts.manifest`.
 from dsl.data.augment import augment
 from dsl.data.normalise import BandTransform, Normaliser
 from dsl.data.pairs import PairStream, assign_slots, batches_per_epoch, make_loader
-from dsl.data.stream import resume_stream
+from dsl.data.stream import resume_stream, with_positions
 
 __all__ = [
     "BandTransform",
@@ -17,4 +17,5 @@ __all__ = [
     "batches_per_epoch",
     "make_loader",
     "resume_stream",
+    "with_positions",
 ]

@@ -9,15 +9,25 @@ Two schemes:
 
 Shards keep raw values, so either scheme (and any band subset) can be chosen per experiment.
 Called on the already cropped window: converting a 128 px crop is 4x cheaper than a 256 px patch.
+
+Where it runs: in the loader (numpy arrays in, float32 out), or, with
+``data.normalise_on_device``, in the training loop on a raw batch already on the GPU
+(:meth:`BandTransform.normalise_tensor`). Both convert to float32 and then run the same
+in-place torch code (:meth:`BandTransform.apply_`), so they agree to the bit on the same input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from dsl.contracts.manifest import Manifest
+
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, Tensor)
 
 S1_CLIP = (-25.0, 0.0)
 S2_CLIP = (0.0, 10000.0)
@@ -38,11 +48,16 @@ class BandTransform:
     scale: np.ndarray
     clip: tuple[float, float] | None = None
     bands: np.ndarray | None = None
+    _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def channels(self) -> int:
         """Output channels: the number of selected bands."""
         return self.offset.shape[0]
+
+    def select(self, x: np.ndarray) -> np.ndarray:
+        """The selected bands of a raw [C_in, H, W] array, in order (a copy only for a subset)."""
+        return x if self.bands is None else x[self.bands]
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Normalise a raw [C_in, H, W] array (any real dtype, may be a strided crop view).
@@ -52,18 +67,54 @@ class BandTransform:
             out: Optional float32 [C_out, H, W] destination (e.g. a row of the batch array),
                 which saves the copy a stack would make.
         """
-        if self.bands is not None:
-            x = x[self.bands]  # copies only the (small) cropped window
+        x = self.select(x)  # copies only the (small) cropped window
         if out is None:
             out = np.empty(x.shape, dtype=np.float32)
-        # One pass converts the raw dtype into the float32 destination; the rest is in place.
-        if self.clip is None:
-            np.subtract(x, self.offset, out=out, dtype=np.float32)
+        np.copyto(out, x, casting="unsafe")  # the raw dtype into float32, exactly as a cast does
+        return self.apply_(out)
+
+    def normalise_tensor(self, raw: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+        """Normalise a raw batch [B, C_out, H, W] on its device into a new float32 tensor.
+
+        The batch holds the selected bands already (the loader selects them when it crops:
+        ``data.normalise_on_device``), in any real dtype (uint16, float16, ...).
+
+        Args:
+            raw: Raw values, bands selected.
+            memory_format: Layout of the result (``torch.channels_last`` for NHWC convolutions).
+        """
+        if raw.shape[-3] != self.channels:
+            raise ValueError(f"raw batch has {raw.shape[-3]} bands, this transform {self.channels}: "
+                             "the loader selects the bands of a raw batch")
+        out = torch.empty(raw.shape, dtype=torch.float32, device=raw.device, memory_format=memory_format)
+        out.copy_(raw)
+        return self.apply_(out)
+
+    def apply_(self, x: ArrayOrTensor) -> ArrayOrTensor:
+        """The maths, in place on float32 ``[..., C_out, H, W]``: clip, subtract the offset, scale.
+
+        The one implementation both paths run: on a numpy array in the loader (numpy, because
+        torch's CPU ops would spread each small crop over threads the training step needs) and
+        on a tensor on any device. Same float32 operations in the same order: equal results.
+        """
+        if isinstance(x, Tensor):
+            offset, scale = self._on(x.device)
+            if self.clip is not None:
+                x.clamp_(*self.clip)
         else:
-            np.clip(x, *self.clip, out=out, dtype=np.float32)
-            out -= self.offset
-        out *= self.scale
-        return out
+            offset, scale = self.offset, self.scale
+            if self.clip is not None:
+                np.clip(x, *self.clip, out=x)
+        x -= offset
+        x *= scale
+        return x
+
+    def _on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """``(offset, scale)`` as tensors on ``device``, copied there once."""
+        key = str(device)
+        if key not in self._constants:
+            self._constants[key] = tuple(torch.from_numpy(a).to(device) for a in (self.offset, self.scale))
+        return self._constants[key]
 
 
 def _select(n_bands: int, bands: list[int] | None, key: str, names: list[str]) -> np.ndarray:
@@ -121,6 +172,15 @@ class Normaliser:
     def __call__(self, s1: np.ndarray, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Normalise one raw S1 and one raw S2 array; returns new float32 arrays."""
         return self.s1(s1), self.s2(s2)
+
+    def normalise_batch(
+        self, s1: Tensor, s2: Tensor, memory_format: torch.memory_format = torch.contiguous_format
+    ) -> tuple[Tensor, Tensor]:
+        """Normalise a raw batch (bands selected, as a raw loader yields it) on its device.
+
+        See :meth:`BandTransform.normalise_tensor`; returns new float32 tensors.
+        """
+        return self.s1.normalise_tensor(s1, memory_format), self.s2.normalise_tensor(s2, memory_format)
 
     @classmethod
     def from_manifest(

@@ -92,18 +92,25 @@ def read_shard(
         stream.close()
 
 
-def _empty(shape: tuple[int, ...]) -> torch.Tensor:
-    """A float32 batch tensor; in a DataLoader worker, born in shared memory.
+def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A batch tensor; in a DataLoader worker, born in shared memory.
 
     Tensors sent from a worker are moved to shared memory anyway: allocating them there saves
     that copy of every batch (what torch's default_collate does too).
     """
     new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # private, hence the fallback
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
+        return torch.empty(shape, dtype=dtype)
     if new_shared is None:
-        return torch.empty(shape, dtype=torch.float32).share_memory_()
-    return torch.empty(0, dtype=torch.float32).set_(new_shared(int(np.prod(shape)) * 4), 0, shape)
+        return torch.empty(shape, dtype=dtype).share_memory_()
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return torch.empty(0, dtype=dtype).set_(new_shared(nbytes), 0, shape)
+
+
+# Raw batches (``data.normalise_on_device``): S2 as the shard format stores it, S1 (dB) in
+# float16, which rounds it by at most 2^-11 of its value (0.012 dB at -25 dB): far below the
+# sensor's radiometric accuracy, and half float32's bytes on the way to the GPU.
+RAW_DTYPES = (torch.float16, torch.uint16)
 
 
 def assign_slots(counts: list[int], n_slots: int) -> list[Slot]:
@@ -150,6 +157,8 @@ class PairStream(IterableDataset):
     """Batches of normalised pairs for one rank; each DataLoader worker yields whole batches.
 
     Use :func:`make_loader`, which wraps this in a DataLoader with ``batch_size=None``.
+    With ``raw`` the batches hold the selected bands' raw values (:data:`RAW_DTYPES`), cropped
+    but not normalised: the training loop normalises them on its device.
     """
 
     def __init__(
@@ -163,6 +172,7 @@ class PairStream(IterableDataset):
         labels: bool = False,
         train: bool = True,
         keys: KeySelection | None = None,
+        raw: bool = False,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -172,7 +182,7 @@ class PairStream(IterableDataset):
         self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, cfg.seed % 2**63
         self.workers = max(1, cfg.loader_workers)  # 0 workers: the main process is the one slot
         self.batch_size, self.crop, self.shuffle_buffer = cfg.batch_size, cfg.crop_size, cfg.shuffle_buffer
-        self.labels, self.train, self.start_batch = labels, train, start_batch
+        self.labels, self.train, self.start_batch, self.raw = labels, train, start_batch, raw
         self.norm = Normaliser.from_manifest(manifest, cfg.normalisation, cfg.s1_bands, cfg.s2_bands)
         self.in_bands = (len(manifest.bands.s1), len(manifest.bands.s2 or []))
 
@@ -287,7 +297,8 @@ class PairStream(IterableDataset):
     def _batch(self, raw: list[dict], windows: np.ndarray | None) -> dict:
         n, c = len(raw), self.crop
         (c1, c2), (n1, n2) = self.norm.channels, self.in_bands
-        t1, t2 = _empty((n, c1, c, c)), _empty((n, c2, c, c))
+        dtypes = RAW_DTYPES if self.raw else (torch.float32, torch.float32)
+        t1, t2 = _empty((n, c1, c, c), dtypes[0]), _empty((n, c2, c, c), dtypes[1])
         s1, s2 = t1.numpy(), t2.numpy()
         cls = np.empty(n, dtype=np.int64)
         multi = np.empty((n, len(DFC_CLASSES)), dtype=np.float32)
@@ -309,14 +320,27 @@ class PairStream(IterableDataset):
                 y, x = int(windows[i, 0] * (h - c + 1)), int(windows[i, 1] * (w - c + 1))
             # Crop the raw arrays (views, no copy) first: conversion then touches only the window.
             # One window for both sensors: the pair is co-located on one grid.
-            self.norm.s1(a1[:, y : y + c, x : x + c], out=s1[i])
-            self.norm.s2(a2[:, y : y + c, x : x + c], out=s2[i])
+            if self.raw:
+                self._copy_raw(sample, a1[:, y : y + c, x : x + c], a2[:, y : y + c, x : x + c], s1[i], s2[i])
+            else:
+                self.norm.s1(a1[:, y : y + c, x : x + c], out=s1[i])
+                self.norm.s2(a2[:, y : y + c, x : x + c], out=s2[i])
             if self.labels:
                 cls[i], multi[i] = self._labels(sample)
         batch = {"s1": t1, "s2": t2, "key": [s["__key__"] for s in raw]}
         if self.labels:
             batch["cls"], batch["multi"] = torch.from_numpy(cls), torch.from_numpy(multi)
         return batch
+
+    def _copy_raw(self, sample: dict, a1: np.ndarray, a2: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
+        """Write a crop's selected bands, not normalised, into the raw batch rows."""
+        if not np.can_cast(a2.dtype, out2.dtype, "safe") or a1.dtype.kind != "f":
+            raise ValueError(
+                f"{sample['__url__']}: sample {sample['__key__']!r}: s1 {a1.dtype} / s2 {a2.dtype}, but "
+                "data.normalise_on_device ships the shard format's float S1 and uint16 S2; set it to false"
+            )
+        np.copyto(out1, self.norm.s1.select(a1), casting="same_kind")  # float32 -> float16: rounds
+        np.copyto(out2, self.norm.s2.select(a2), casting="safe")
 
     def _labels(self, sample: dict) -> tuple[int, np.ndarray]:
         where = f"{sample['__url__']}: sample {sample['__key__']!r}"
@@ -373,6 +397,7 @@ def make_loader(
     train: bool = True,
     keys: KeySelection | None = None,
     manifest: Manifest | None = None,
+    raw: bool = False,
 ) -> DataLoader:
     """A DataLoader of batches ``{"s1", "s2", "key"[, "cls", "multi"]}`` for one rank.
 
@@ -388,6 +413,8 @@ def make_loader(
         keys: Only these samples (shard name -> keys), e.g. a label fraction; None: all.
         manifest: The dataset's manifest, read from ``cfg.shards`` when None. Passing one
             saves the read, or normalises with other statistics (a pretrained backbone's).
+        raw: ``s1``/``s2`` hold raw values of the selected bands (float16 dB / uint16), for
+            normalising on the device (:meth:`~dsl.data.normalise.Normaliser.normalise_batch`).
 
     Raises:
         FileNotFoundError: No manifest (unfinished ingest).
@@ -395,13 +422,13 @@ def make_loader(
     """
     register_webdataset_handlers()
     manifest = manifest if manifest is not None else read_manifest(cfg.shards)
-    stream = PairStream(cfg, manifest, rank, world_size, epoch, start_batch, labels, train, keys)
+    stream = PairStream(cfg, manifest, rank, world_size, epoch, start_batch, labels, train, keys, raw)
     # batch_size=None: workers yield whole batches, which the DataLoader returns round-robin
     # (in order), the property resume relies on.
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=cfg.loader_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=cfg.pin_memory and torch.cuda.is_available(),
         prefetch_factor=2 if cfg.loader_workers else None,
     )

@@ -7,7 +7,7 @@ uninterrupted run would have yielded next, skipping the consumed ones undecoded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from dsl.contracts.config import DataConfig
 from dsl.contracts.manifest import Manifest
@@ -15,7 +15,7 @@ from dsl.data.pairs import batches_per_epoch, make_loader
 
 
 def resume_stream(cfg: DataConfig, rank: int, world_size: int, position: dict,
-                  manifest: Manifest | None = None) -> Iterator[dict]:
+                  manifest: Manifest | None = None, raw: bool = False) -> Iterator[dict]:
     """Batches for one rank from ``position`` on, epoch after epoch, without end.
 
     ``position`` is advanced in place as batches are handed out: when a batch is yielded it
@@ -29,6 +29,7 @@ def resume_stream(cfg: DataConfig, rank: int, world_size: int, position: dict,
         world_size: Data-parallel ranks.
         position: ``{"epoch": int, "batch": int}``, updated in place.
         manifest: The dataset's manifest (read from ``cfg.shards`` when None).
+        raw: Batches of raw values, to normalise on the device (see :func:`make_loader`).
 
     Raises:
         ValueError: Too few samples for one batch per rank.
@@ -40,7 +41,7 @@ def resume_stream(cfg: DataConfig, rank: int, world_size: int, position: dict,
         if position["batch"] >= per_epoch:  # the epoch is over (also when resumed right at its end)
             position.update(epoch=position["epoch"] + 1, batch=0)
         loader = make_loader(cfg, rank, world_size, epoch=position["epoch"], start_batch=position["batch"],
-                             manifest=manifest)
+                             manifest=manifest, raw=raw)
         start = position["batch"]
         for batch in loader:
             position["batch"] += 1
@@ -50,3 +51,14 @@ def resume_stream(cfg: DataConfig, rank: int, world_size: int, position: dict,
         if position["batch"] == start:  # never spin on an empty loader
             raise RuntimeError(f"{cfg.shards}: no batch at epoch {position['epoch']}, batch {start} "
                                f"of {per_epoch}")
+
+
+def with_positions(batches: Iterable[dict], position: dict) -> Iterator[tuple[dict, dict]]:
+    """Each batch of a :func:`resume_stream` with a copy of ``position`` as it stood after that batch.
+
+    ``position`` runs ahead of training when batches are read ahead (a device prefetch holds
+    the next batch while the step uses this one): a checkpoint must record the copy that came
+    with the last batch a step used, or a resumed job would skip the batches read ahead.
+    """
+    for batch in batches:
+        yield batch, dict(position)

@@ -5,8 +5,11 @@
 - :mod:`~dsl.runtime.engine`: the DeepSpeed engine builder (config, optimizer, LR schedule,
   precision, safe checkpoint loading) that pretraining and fine-tuning share.
 - :mod:`~dsl.runtime.lr_schedule`: warmup + cosine, stepped per optimizer step.
-- :mod:`~dsl.runtime.checkpoint`: pickle-free DeepSpeed checkpoint loading and the job state.
-- :mod:`~dsl.runtime.tracking`: MLflow experiments, params and metrics.
+- :mod:`~dsl.runtime.checkpoint`: pickle-free DeepSpeed checkpoint loading, the job state and
+  resuming on the same or another number of workers.
+- :mod:`~dsl.runtime.full_state`: the world-size-free state (fp32 master, AdamW moments by name).
+- :mod:`~dsl.runtime.device`: GPU set-up (channels_last, cuDNN, compile) and the batch prefetcher.
+- :mod:`~dsl.runtime.tracking`: MLflow experiments, params and best-effort metrics.
 
 Collectives live one layer lower, in :mod:`dsl.collectives`, so the losses can use them too.
 """

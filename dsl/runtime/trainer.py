@@ -14,6 +14,7 @@ import torch
 from dsl.contracts.config import Config
 from dsl.contracts.errors import UserError
 from dsl.contracts.storage import is_local, ray_storage
+from dsl.runtime.device import configure_backends
 from dsl.runtime.ray_start import alive_nodes, cluster_address, init_ray
 
 
@@ -72,7 +73,12 @@ def start_ray(cfg: Config) -> None:
 
 
 def setup_worker(cfg: Config) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this Ray Train worker; sets threads and the accelerator."""
+    """(rank, world size, device) of this Ray Train worker; sets threads and the accelerator.
+
+    On GPU also the process-wide speed settings (:func:`dsl.runtime.device.configure_backends`);
+    the model's (``scale.channels_last``, ``scale.compile``) wait for the model:
+    :func:`dsl.runtime.device.prepare_model`.
+    """
     import ray.train
 
     ctx = ray.train.get_context()
@@ -84,6 +90,7 @@ def setup_worker(cfg: Config) -> tuple[int, int, torch.device]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
         device = torch.device("cpu")
     torch.set_num_threads(cfg.scale.torch_threads or max(1, int(cfg.scale.cpus_per_worker)))
+    configure_backends(cfg.scale, device)
     return rank, world, device
 
 

@@ -6,6 +6,10 @@ negatives are gathered from every rank. With ``deepspeed.grad_accum`` = K > 1 th
 micro-batches of an optimizer step are one contrastive batch (GradCache,
 :func:`large_batch_step`), not K small ones. Every ``checkpoint_every`` optimizer steps all ranks
 save the DeepSpeed state and the stream position and report them to Ray's storage.
+
+On GPUs (:mod:`dsl.runtime.device`) the next batch is copied on a side stream while the step
+runs, raw batches are normalised there (``data.normalise_on_device``), and the logged metrics
+accumulate on the device (:class:`MetricWindow`): the host waits for the GPU at log steps only.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from dsl.collectives import mean_across_ranks
 from dsl.contracts.config import Config
 from dsl.contracts.manifest import Manifest, read_manifest
 from dsl.contracts.model_card import ModelCard, save_weights
-from dsl.data import resume_stream
+from dsl.data import Normaliser, resume_stream, with_positions
 from dsl.objectives import build_objective
 from dsl.objectives.grad_cache import CachedStep, grad_cache_step
 from dsl.runtime import full_state
 from dsl.runtime.checkpoint import DS_TAG, FULL_STATE, engine_counters, resume_engine, save_state
+from dsl.runtime.device import DevicePrefetcher, ModelInputs, memory_format, prepare_model
 from dsl.runtime.engine import build_engine
 from dsl.runtime.tracking import MetricLogger
 from dsl.runtime.trainer import setup_worker
@@ -41,13 +46,115 @@ def model_card(cfg: Config, manifest: Manifest, s1_chans: int, s2_chans: int) ->
 
 
 @torch.no_grad()
-def retrieval_top1(z1: Tensor, z2: Tensor) -> tuple[float, float]:
-    """In-batch retrieval: how often a pair's partner is its nearest neighbour, both ways."""
+def retrieval_top1(z1: Tensor, z2: Tensor) -> tuple[Tensor, Tensor]:
+    """In-batch retrieval: how often a pair's partner is its nearest neighbour, both ways.
+
+    Returns float32 scalars on the outputs' device (no host sync).
+    """
     if z1.dim() > 2:  # MMA feature maps: compare pooled maps
         z1, z2 = z1.mean(dim=(2, 3)), z2.mean(dim=(2, 3))
     sim = nn.functional.normalize(z1.float(), dim=1) @ nn.functional.normalize(z2.float(), dim=1).T
     target = torch.arange(sim.shape[0], device=sim.device)
-    return (sim.argmax(1) == target).float().mean().item(), (sim.argmax(0) == target).float().mean().item()
+    return (sim.argmax(1) == target).float().mean(), (sim.argmax(0) == target).float().mean()
+
+
+class MetricWindow:
+    """Per micro-batch means of the logged metrics since the last log step.
+
+    The loss and retrieval sums stay on the device (float64, added in the order a host sum of
+    ``.item()`` values would add them: the same numbers), so a step never waits for the GPU;
+    :meth:`means` syncs once. Timings are host floats.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window."""
+        self.sums: dict[str, Tensor] = {}
+        self.times: dict[str, float] = {}
+        self.n = 0
+
+    def add_times(self, **seconds: float) -> None:
+        """Add host timings (``data_wait_s=...``); averaged per micro-batch like the rest."""
+        for k, v in seconds.items():
+            self.times[k] = self.times.get(k, 0.0) + v
+
+    def add(self, loss: Tensor, out1: Tensor, out2: Tensor) -> None:
+        """Add one micro-batch: its (detached) loss and in-batch retrieval over its outputs."""
+        acc12, acc21 = retrieval_top1(out1, out2)
+        for k, v in (("loss", loss.detach()), ("retrieval_s1_to_s2", acc12), ("retrieval_s2_to_s1", acc21)):
+            v = v.to(torch.float64)
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def means(self) -> dict[str, float]:
+        """Every metric's mean per micro-batch; the one host sync of a window.
+
+        Raises:
+            ValueError: Nothing was added.
+        """
+        if not self.n:
+            raise ValueError("MetricWindow.means: no micro-batch in the window")
+        names = list(self.sums)
+        values = torch.stack([self.sums[k] for k in names]).tolist() if names else []
+        return {**{k: v / self.n for k, v in self.times.items()},
+                **{k: v / self.n for k, v in zip(names, values, strict=True)}}
+
+
+class StepRunner:
+    """Runs micro-batches through the engine: an optimizer step each, or GradCache over K.
+
+    ``runner(a, b)`` returns the micro-batches finished by this call as ``(loss, out1, out2)``
+    (detached loss, on the device): one with ``grad_accum`` 1; with K > 1 none until the K-th,
+    then all K, each with the step's large-batch loss.
+    """
+
+    def __init__(self, engine, grad_accum: int):
+        self.engine, self.grad_accum = engine, grad_accum
+        self.micro_batches: list[tuple[Tensor, Tensor]] = []  # the optimizer step's inputs so far
+
+    def __call__(self, a: Tensor, b: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Feed one micro-batch."""
+        if self.grad_accum == 1:
+            loss, out1, out2 = self.engine(a, b)
+            self.engine.backward(loss)
+            self.engine.step()
+            return [(loss.detach(), out1, out2)]
+        self.micro_batches.append((a, b))
+        if len(self.micro_batches) < self.grad_accum:
+            return []
+        cached = large_batch_step(self.engine, self.micro_batches)  # one contrastive batch at the K-th
+        self.micro_batches = []
+        return [(cached.loss, out1, out2) for out1, out2 in cached.outputs]
+
+
+class TrainStep:
+    """One batch as the loop trains on it: inputs, views, the engine's step(s), the metrics.
+
+    Args:
+        engine: The DeepSpeed engine around ``objective``.
+        objective: Makes the views and holds the model.
+        inputs: A batch on the device -> the model's inputs (normalised, cast, laid out).
+        runner: Feeds the engine (:class:`StepRunner`).
+        generator: The views' augmentation RNG.
+        window: Where finished micro-batches' metrics go.
+    """
+
+    def __init__(self, engine, objective, inputs: ModelInputs, runner: StepRunner,
+                 generator: torch.Generator, window: MetricWindow):
+        self.engine, self.objective, self.inputs, self.runner = engine, objective, inputs, runner
+        self.generator, self.window = generator, window
+
+    def __call__(self, batch: dict) -> None:
+        """Train on ``batch`` (already on the device); no host sync of its own."""
+        s1, s2 = self.inputs(batch)
+        a, b = self.objective.views(s1, s2, self.generator)
+        for loss, out1, out2 in self.runner(self.inputs.layout(a), self.inputs.layout(b)):
+            # per micro-batch: the loss (under GradCache its step's large-batch loss, once per
+            # micro-batch) and in-batch retrieval over the micro-batch
+            self.window.add(loss, out1, out2)
+        self.objective.after_step()
 
 
 def large_batch_step(engine, micro_batches: list[tuple[Tensor, Tensor]]) -> CachedStep:
@@ -98,6 +205,7 @@ def train_loop(config: dict) -> None:
     s2_chans = len(cfg.data.s2_bands or manifest.bands.s2 or [])
     torch.manual_seed(cfg.data.seed)  # same initial weights on every rank
     objective = build_objective(cfg.model, cfg.loss, s1_chans, s2_chans, img_size=cfg.data.crop_size)
+    prepare_model(objective, cfg.scale, device, compile_target=objective.model)
     engine, dtype = build_engine(objective, objective.parameters(), cfg.optim, cfg.deepspeed, cfg.data.batch_size)
 
     position = {"epoch": 0, "batch": 0}
@@ -109,7 +217,11 @@ def train_loop(config: dict) -> None:
     stop = min(cfg.optim.max_steps, cfg.scale.stop_at_step or cfg.optim.max_steps)
     logger = MetricLogger(cfg, config.get("run_id")) if rank == 0 else MetricLogger(cfg, None)
     aug = torch.Generator().manual_seed(cfg.data.seed * 1000 + rank)
-    window: dict[str, float] = {}
+    window = MetricWindow()
+    normaliser = (Normaliser.from_manifest(manifest, cfg.data.normalisation, cfg.data.s1_bands, cfg.data.s2_bands)
+                  if cfg.data.normalise_on_device else None)
+    inputs = ModelInputs(normaliser, dtype, memory_format(cfg.scale, device))
+    train_step = TrainStep(engine, objective, inputs, StepRunner(engine, cfg.deepspeed.grad_accum), aug, window)
     t_start = t_data = time.perf_counter()
     card = model_card(cfg, manifest, s1_chans, s2_chans)
     first_step = True
@@ -120,7 +232,7 @@ def train_loop(config: dict) -> None:
             # collective too: the fp32 master and AdamW's moments, whole, for another world size
             fp32, moments = full_state.gather(engine)
             if rank == 0:
-                save_state(Path(tmp), {"position": {**position, "samples": position["batch"] * world * cfg.data.batch_size},
+                save_state(Path(tmp), {"position": {**consumed, "samples": consumed["batch"] * world * cfg.data.batch_size},
                                        "step": step, "final": final, **engine_counters(engine, world)})
                 torch.save({"weights": fp32, "moments": moments}, Path(tmp) / FULL_STATE)
                 # registered weights are the fp32 master; integer buffers (BatchNorm's count) as they are
@@ -129,56 +241,38 @@ def train_loop(config: dict) -> None:
                 save_weights(Path(tmp), weights, card)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    # position advances as batches are handed out, so a checkpoint resumes at the next batch
-    batches = resume_stream(cfg.data, rank, world, position, manifest) if step < stop else ()
-    micro_batches: list[tuple[Tensor, Tensor]] = []  # the optimizer step's inputs so far (grad_accum > 1)
-    for batch in batches:
+    # The stream's position advances as batches are read, which the device prefetch does ahead
+    # of training; each batch comes with the position after it, and `consumed` is that of the
+    # last batch trained on: what a checkpoint records, so a resumed job starts at the next one.
+    consumed = dict(position)
+    stream = resume_stream(cfg.data, rank, world, position, manifest, raw=cfg.data.normalise_on_device) \
+        if step < stop else ()
+    for batch, consumed in DevicePrefetcher(with_positions(stream, position), device, cfg.data.device_prefetch):
         t_batch = time.perf_counter()
-        s1 = batch["s1"].to(device, dtype, non_blocking=True)
-        s2 = batch["s2"].to(device, dtype, non_blocking=True)
-        a, b = objective.views(s1, s2, aug)
         if first_step:  # how long a launch takes to reach training (Ray, DeepSpeed, data)
             logger.log({"launch_to_first_step_s": time.time() - config.get("launch_time", time.time()),
                         "torch_threads": torch.get_num_threads()}, step)
             first_step = False
-        if cfg.deepspeed.grad_accum == 1:
-            loss, out1, out2 = engine(a, b)
-            engine.backward(loss)
-            engine.step()
-            done = [(loss.item(), out1, out2)]
-        else:  # one contrastive batch over the step's micro-batches: GradCache at the K-th
-            micro_batches.append((a, b))
-            done = []
-            if len(micro_batches) == cfg.deepspeed.grad_accum:
-                cached = large_batch_step(engine, micro_batches)
-                done = [(cached.loss.item(), out1, out2) for out1, out2 in cached.outputs]
-                micro_batches = []
-        objective.after_step()
+        train_step(batch)
         t_end = time.perf_counter()
-        # per micro-batch means: the loss (under GradCache its step's large-batch loss, once per
-        # micro-batch) and in-batch retrieval over the micro-batch
-        for k, v in (("data_wait_s", t_batch - t_data), ("step_time_s", t_end - t_batch)):
-            window[k] = window.get(k, 0.0) + v
-        for loss_value, out1, out2 in done:
-            acc12, acc21 = retrieval_top1(out1, out2)
-            for k, v in (("loss", loss_value), ("retrieval_s1_to_s2", acc12), ("retrieval_s2_to_s1", acc21)):
-                window[k] = window.get(k, 0.0) + v
-            window["n"] = window.get("n", 0) + 1
+        # host time: on GPU the kernels run on after it, so pairs_per_s is the rate to read there
+        window.add_times(data_wait_s=t_batch - t_data, step_time_s=t_end - t_batch)
         t_data = t_end
         if engine.global_steps == step:
             continue  # a micro-batch inside gradient accumulation: no optimizer step yet
         step = engine.global_steps
         if step % cfg.scale.log_every == 0 or step % cfg.scale.checkpoint_every == 0 or step >= stop:
-            n = window.pop("n")
-            metrics = {k: v / n for k, v in window.items()}
+            n = window.n
+            metrics = window.means()  # the host waits for the device here, once per window
             # the logged loss is the global one: every rank's local loss, averaged
             metrics["loss"] = mean_across_ranks(metrics["loss"])
             metrics["lr"] = engine.get_lr()[0]
             metrics["pairs_per_s"] = world * cfg.data.batch_size * n / (time.perf_counter() - t_start)
-            metrics["step"], metrics["epoch"] = step, position["epoch"]
+            metrics["step"], metrics["epoch"] = step, consumed["epoch"]
             if objective.temperature() is not None:
                 metrics["temperature"] = objective.temperature()
-            window, t_start = {}, time.perf_counter()
+            window.reset()
+            t_start = time.perf_counter()
             logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
             if step % cfg.scale.checkpoint_every == 0 or step >= stop:
                 save(final=step >= cfg.optim.max_steps, metrics=metrics)

@@ -103,7 +103,8 @@ def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session
     first = pretrain(tiny(tmp_path, shards, *args, "scale.stop_at_step=7"))
     assert first["step"] == 7 and first["model_version"] is None
     ckpt = Path(first["checkpoint"])
-    assert load_state(ckpt)["position"] == {"epoch": 0, "batch": 7}
+    # 7 batches of 2 ranks x 16 pairs: also counted in global samples, for another world size
+    assert load_state(ckpt)["position"] == {"epoch": 0, "batch": 7, "samples": 7 * 2 * 16}
 
     cfg = tiny(tmp_path, shards, *args)
     second = pretrain(cfg)
@@ -112,7 +113,7 @@ def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session
     assert steps == list(range(1, 16))  # 1..7 from the first job, 8..15 from the resumed one
     epochs = dict(history(cfg, second["run_id"], "epoch"))
     assert epochs[11] == 0 and epochs[12] == 1  # the epoch boundary fell where a clean run puts it
-    assert load_state(Path(second["checkpoint"]))["position"] == {"epoch": 1, "batch": 4}
+    assert load_state(Path(second["checkpoint"]))["position"] == {"epoch": 1, "batch": 4, "samples": 4 * 2 * 16}
     assert second["model_version"] is not None
 
 
