@@ -31,7 +31,7 @@ from dsl.objectives.grad_cache import CachedStep, grad_cache_step
 from dsl.runtime import full_state
 from dsl.runtime.checkpoint import DS_TAG, FULL_STATE, engine_counters, resume_engine, save_state
 from dsl.runtime.device import DevicePrefetcher, ModelInputs, memory_format, prepare_model
-from dsl.runtime.engine import build_engine
+from dsl.runtime.engine import build_engine, optimizer_steps
 from dsl.runtime.tracking import MetricLogger
 from dsl.runtime.trainer import setup_worker
 
@@ -213,7 +213,9 @@ def train_loop(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as d:
             position = resume_engine(engine, Path(d), world, cfg.data.batch_size)
-    step = engine.global_steps
+    # steps the optimizer took (what the LR schedule follows); DeepSpeed's global_steps also
+    # counts fp16 steps skipped for an overflow
+    step, boundaries = optimizer_steps(engine), engine.global_steps
     stop = min(cfg.optim.max_steps, cfg.scale.stop_at_step or cfg.optim.max_steps)
     logger = MetricLogger(cfg, config.get("run_id")) if rank == 0 else MetricLogger(cfg, None)
     aug = torch.Generator().manual_seed(cfg.data.seed * 1000 + rank)
@@ -258,9 +260,12 @@ def train_loop(config: dict) -> None:
         # host time: on GPU the kernels run on after it, so pairs_per_s is the rate to read there
         window.add_times(data_wait_s=t_batch - t_data, step_time_s=t_end - t_batch)
         t_data = t_end
-        if engine.global_steps == step:
+        if engine.global_steps == boundaries:
             continue  # a micro-batch inside gradient accumulation: no optimizer step yet
-        step = engine.global_steps
+        boundaries = engine.global_steps
+        if optimizer_steps(engine) == step:
+            continue  # fp16 overflow: DeepSpeed skipped the update and the LR schedule, so do we
+        step = optimizer_steps(engine)
         if step % cfg.scale.log_every == 0 or step % cfg.scale.checkpoint_every == 0 or step >= stop:
             n = window.n
             metrics = window.means()  # the host waits for the device here, once per window
