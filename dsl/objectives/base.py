@@ -94,13 +94,6 @@ class Objective(nn.Module):
         """The model's learnable ``log(1 / temperature)`` ([1]), or None for a fixed one."""
         return getattr(self.model, "logit_scale", None)
 
-    def after_step(self) -> None:
-        """Called after each optimizer step; nothing by default.
-
-        Parameters are never edited here: under ZeRO or bf16 the optimizer's fp32 master would
-        overwrite the edit at the next step (the temperature is clamped inside the loss).
-        """
-
     def temperature(self) -> float | None:
         """The effective learnable temperature of the last forward, for logging; None when fixed."""
         value = getattr(self, "_temperature", None)

@@ -154,7 +154,6 @@ class TrainStep:
             # per micro-batch: the loss (under GradCache its step's large-batch loss, once per
             # micro-batch) and in-batch retrieval over the micro-batch
             self.window.add(loss, out1, out2)
-        self.objective.after_step()
 
 
 def large_batch_step(engine, micro_batches: list[tuple[Tensor, Tensor]]) -> CachedStep:
