@@ -47,7 +47,7 @@ lint: layers
 MUTATE_JOBS ?= $(shell nproc)
 mutate: venv
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children $(MUTATE_JOBS)
+	DSL_TEST_RANK_TIMEOUT_S=60 $(BIN)/mutmut run --max-children $(MUTATE_JOBS)
 	$(BIN)/python scripts/mutation_report.py $(if $(MUTATE_FAIL_UNDER),--fail-under $(MUTATE_FAIL_UNDER))
 
 bench: venv
