@@ -20,6 +20,7 @@ from dsl.contracts.errors import JobFailed
 from dsl.contracts.manifest import Manifest
 from dsl.contracts.provenance import code_version
 from dsl.contracts.shard_format import FORMAT_VERSION, MANIFEST, S1_BANDS, shard_name
+from dsl.contracts.shard_index import scan_offsets, write_index
 from dsl.contracts.storage import filesystem, join
 from ingest.raster import BadInput
 from ingest.sources import BadRecord, PairItem, get_source
@@ -241,6 +242,10 @@ def ingest(cfg: IngestConfig) -> Manifest:
                 s1_stats.merge(BandStats.from_json(side["stats"]["s1"]))
                 part_s2 = BandStats.from_json(side["stats"]["s2"])
                 s2_stats = part_s2 if s2_stats is None else (s2_stats.merge(part_s2) or s2_stats)
+    # The byte-offset index (format 2): the sidecars carry each shard's offsets (a sidecar from
+    # before the index: read from the shard's headers), the manifest keeps only the index file's
+    # name, size and digest.
+    offsets = [s.pop("offsets", None) or scan_offsets(join(cfg.output, s["name"])) for s in shards]
     if len(keys) != len(set(keys)):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise IngestError(f"duplicate sample keys across shards: {dup}")
@@ -256,6 +261,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
             "samples are committed in shards; rerun with a higher --max-bad-fraction to write the manifest"
         )
 
+    index = write_index(cfg.output, offsets) if shards else None  # before the manifest commits it
     splits = {}
     for s in shards:
         splits.setdefault(s["split"] or "all", 0)
@@ -281,6 +287,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
         "shards": shards,
         "seconds": round(time.time() - t0, 3),
         "task_seconds": round(task_seconds, 3),  # busy time of this run's partition tasks
+        "index": index,
     })
     write_text_atomic(join(cfg.output, MANIFEST), manifest.to_json())
     return manifest

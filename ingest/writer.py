@@ -71,6 +71,7 @@ class ShardWriter:
         self._sha = hashlib.sha256()
         self.bytes = 0
         self.count = 0
+        self.offsets: list[int] = []  # each sample's first header byte: the shard's index
 
     def _write(self, data) -> None:
         self._sha.update(data)
@@ -79,6 +80,7 @@ class ShardWriter:
 
     def add(self, members: list[tuple[str, list]]) -> None:
         """Append one sample's members (from :func:`sample_members`) to the tar."""
+        self.offsets.append(self.bytes)
         for name, chunks in members:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = sum(len(c) for c in chunks), 0o444, 0  # mtime 0: same bytes on rerun
@@ -89,13 +91,15 @@ class ShardWriter:
         self.count += 1
 
     def _close(self) -> dict:
+        self.offsets.append(self.bytes)  # the last sample's end
         self._write(b"\0" * (2 * BLOCK))  # end-of-archive marker, then pad to a full record
         self._write(b"\0" * (-self.bytes % RECORD))
         self._file.close()
-        return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.count}
+        return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.count, "offsets": self.offsets}
 
     def commit(self) -> dict:
-        """Finish the tar and publish it at ``url``; returns its bytes, sha256 and samples."""
+        """Finish the tar and publish it at ``url``; returns its bytes, sha256, samples and
+        ``offsets`` (each sample's start, then the last one's end: its entry in the index)."""
         info = self._close()
         try:
             if self.local:

@@ -62,6 +62,14 @@ class Stats(_Record):
     s2: dict[str, BandSummary] = {}
 
 
+class IndexRef(_Record):
+    """The dataset's byte-offset index file (:mod:`dsl.contracts.shard_index`)."""
+
+    name: str = Field(min_length=1)
+    bytes: int = Field(gt=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Manifest(_Record):
     """The typed content of ``manifest.json`` (see the README's shard format section)."""
 
@@ -82,6 +90,7 @@ class Manifest(_Record):
     stats_split: str | None = None
     seconds: float | None = None
     task_seconds: float | None = None
+    index: IndexRef | None = None  # format_version >= 2; older datasets are indexed by reading headers
 
     @field_validator("format_version")
     @classmethod

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+# 1: the first format. 2: adds the byte-offset index (index.npy, manifest.index). Readers take
+# every version up to this one.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")  # no dots: webdataset splits extensions at the first
 

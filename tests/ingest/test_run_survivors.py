@@ -8,6 +8,7 @@ whole file takes well under a second (``test_ingest_commit.py`` does the same wi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import uuid
@@ -20,6 +21,7 @@ import pytest
 import ingest.run as run
 from dsl.contracts.config import IngestConfig
 from dsl.contracts.provenance import code_version
+from dsl.contracts.shard_index import scan_offsets
 from ingest.raster import BadInput
 from ingest.sources import BadRecord, PairItem
 from ingest.sources.base import Pair
@@ -118,7 +120,14 @@ def test_manifest_records_the_run_and_plan_json_pins_the_plan(tmp_path, setup, m
 
     plan_id = run._plan_id(cfg, items, 2)
     assert json.loads((tmp_path / "_parts" / "plan.json").read_text()) == {"plan_id": plan_id, "partitions": shards}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_parts", "manifest.json", *shards, "quarantine.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_parts", "index.npy", "manifest.json", *shards,
+                                                          "quarantine.jsonl"]
+    # the index the writer recorded is what the shards' own tar headers say, in manifest order
+    index = np.load(tmp_path / "index.npy", allow_pickle=False)
+    assert index.tolist() == [o for s in m.shards for o in scan_offsets(str(tmp_path / s.name))]
+    assert m.index.model_dump() == {"name": "index.npy", "bytes": (tmp_path / "index.npy").stat().st_size,
+                                    "sha256": hashlib.sha256((tmp_path / "index.npy").read_bytes()).hexdigest()}
+    assert all("offsets" not in s.model_dump() for s in m.shards)
 
     assert (m.source, m.input, m.plan_id, m.quarantine, m.stats_split) == ("table", "/in", plan_id,
                                                                           "quarantine.jsonl", "all")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
+
+from dsl.contracts.shard_index import scan_offsets
 import pytest
 
 from ingest.sources.base import Pair
@@ -68,7 +70,12 @@ def members(sizes: dict[str, int]) -> list[tuple[str, list]]:
 
 def check_tar(path: Path, info: dict, sizes: dict[str, int], samples: int) -> None:
     data = path.read_bytes()
+    info = dict(info)
+    offsets = info.pop("offsets")
     assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "samples": samples}
+    # the recorded offsets are where tar's own reader finds each sample, and the last one's end
+    assert offsets == scan_offsets(str(path)) and len(offsets) == samples + 1
+    assert offsets[-1] == len(data.rstrip(b"\0")) + -len(data.rstrip(b"\0")) % 512
     assert len(data) % RECORD == 0
     with tarfile.open(path) as tar:
         got = tar.getmembers()
@@ -144,7 +151,8 @@ def test_object_store_shard_is_one_put_from_a_local_temp(memfs):
     info = w.commit()
     assert not os.path.exists(w.tmp_path) and set(os.listdir(tempfile.gettempdir())) == before
     data = memfs.cat_file("/bucket/ds/pairs-000001.tar")
-    assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "samples": 1}
+    assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "samples": 1,
+                    "offsets": [0, 1024]}
     assert len(data) == RECORD and data[2 * BLOCK:] == b"\0" * (RECORD - 2 * BLOCK)  # one member, then zeros
     w = ShardWriter("memory://bucket/ds/pairs-000002.tar")
     w.abort()
