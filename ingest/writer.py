@@ -98,8 +98,12 @@ class ShardWriter:
         return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.count, "offsets": self.offsets}
 
     def commit(self) -> dict:
-        """Finish the tar and publish it at ``url``; returns its bytes, sha256, samples and
-        ``offsets`` (each sample's start, then the last one's end: its entry in the index)."""
+        """Finish the tar and publish it at ``url``.
+
+        Returns:
+            Its bytes, sha256, samples and ``offsets`` (each sample's start, then the last
+            one's end: the shard's entry in the index).
+        """
         info = self._close()
         try:
             if self.local:

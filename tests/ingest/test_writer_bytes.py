@@ -14,10 +14,9 @@ from pathlib import Path
 
 import fsspec
 import numpy as np
-
-from dsl.contracts.shard_index import scan_offsets
 import pytest
 
+from dsl.contracts.shard_index import scan_offsets
 from ingest.sources.base import Pair
 from ingest.writer import BLOCK, RECORD, ShardWriter, npy_chunks, sample_members, write_text_atomic
 
