@@ -33,7 +33,7 @@ import numpy as np
 
 from dsl.contracts.config import DataConfig
 from dsl.contracts.manifest import read_manifest, shard_urls
-from dsl.contracts.shard_format import decode_npy
+from dsl.contracts.shard_format import S1_MEMBERS, S2_MEMBERS, decode_array
 from dsl.data import Normaliser, make_loader
 
 TARGET = 500  # pairs/s per core
@@ -81,9 +81,10 @@ def time_limit(cfg: DataConfig, pairs: int) -> dict:
         for url in shard_urls(manifest, cfg.shards):
             with tarfile.open(url) as tar:
                 for member in tar:
-                    if not member.name.endswith((".s1.npy", ".s2.npy")):
+                    ext = member.name.split(".", 1)[1]
+                    if ext not in S1_MEMBERS + S2_MEMBERS:
                         continue
-                    batch[member.name[-6:-4]] = decode_npy(tar.extractfile(member).read())
+                    batch[ext[:2]] = decode_array(ext, tar.extractfile(member).read(), member.name)
                     if len(batch) == 2:
                         y, x = rng.integers(0, batch["s1"].shape[1] - c + 1, size=2)
                         (batch["s1"][:, y : y + c, x : x + c].astype(np.float32) - m1) * k1
@@ -94,6 +95,19 @@ def time_limit(cfg: DataConfig, pairs: int) -> dict:
             if n == pairs:
                 break
     return _rates(n, time.perf_counter() - t0, _cpu() - c0)
+
+
+def bytes_per_pair(cfg: DataConfig) -> float:
+    """Bytes the loader reads per pair: the mean index span (one range read per sample)."""
+    from dsl.data.pairs import load_index
+
+    manifest = read_manifest(cfg.shards)
+    index = load_index(manifest, cfg.shards, manifest.shards)
+    spans = np.diff(index.offsets)
+    ends = index.base[1:] - 1 if len(index.base) > 1 else np.zeros(0, dtype=np.int64)
+    keep = np.ones(len(spans), dtype=bool)
+    keep[ends] = False  # the step from one shard's end to the next shard's first start
+    return float(spans[keep].mean())
 
 
 def best(runs: list[dict]) -> dict:
@@ -118,7 +132,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dsl-bench-") as tmp:
         shards = args.shards or make_shards(Path(tmp), args.locations)
         cfg = DataConfig(shards=shards, batch_size=args.batch_size, crop_size=args.crop,
-                         loader_workers=0, shuffle_buffer=256, normalisation="manifest",
+                         loader_workers=0, normalisation="manifest",
                          samples_per_epoch=args.samples_per_epoch)
         for url in shard_urls(read_manifest(shards), shards):  # warm the page cache for both
             Path(url).read_bytes()
@@ -132,7 +146,10 @@ def main() -> None:
             "benchmark": "loader",
             "shards": shards if args.shards else f"synthetic sen12ms, {args.locations} x 256 px",
             "crop": args.crop, "batch_size": args.batch_size, "normalisation": cfg.normalisation,
-            "shuffle_buffer": cfg.shuffle_buffer, "cpu_cores": os.cpu_count(),
+            "shuffle_block": cfg.shuffle_block, "cpu_cores": os.cpu_count(),
+            "bytes_read_per_pair": round(bytes_per_pair(cfg)),
+            "shard_bytes_per_sample": round(sum(s.bytes or 0 for s in read_manifest(shards).shards)
+                                            / max(1, sum(s.samples for s in read_manifest(shards).shards))),
             "load_average_1min": round(os.getloadavg()[0], 2),
             "loader_pairs_per_s_per_core": per_core,
             "limit_pairs_per_s_per_core": limit["pairs_per_cpu_s"],

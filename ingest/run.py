@@ -1,10 +1,11 @@
 """The ingest job: plan partitions, run them as Ray tasks, commit the manifest last.
 
-Exactly once: the plan (items sorted by key, cut into fixed partitions) is a pure function of
-the input and the options, and is pinned in ``_parts/plan.json``. Partition p writes exactly one
-shard per split and then its sidecar ``_parts/<shard>.json``; the sidecar is the partition's
-commit marker. A rerun skips partitions whose sidecar exists and redoes the rest, overwriting
-any half-written shard, so a killed run resumed ends with the same samples as a clean run.
+Exactly once: the plan (each split's items in a seeded hash order, cut into fixed partitions) is
+a pure function of the input and the options, and is pinned in ``_parts/plan.json``. Partition p
+writes exactly one shard per split (on object stores under a hashed prefix) and then its sidecar
+``_parts/<shard>.json``; the sidecar is the partition's commit marker. A rerun skips partitions
+whose sidecar exists and redoes the rest, overwriting any half-written shard, so a killed run
+resumed ends with the same samples as a clean run.
 """
 
 from __future__ import annotations
@@ -19,9 +20,15 @@ from dsl.contracts.config import Config, ConfigError, IngestConfig
 from dsl.contracts.errors import JobFailed
 from dsl.contracts.manifest import Manifest
 from dsl.contracts.provenance import code_version
-from dsl.contracts.shard_format import FORMAT_VERSION, MANIFEST, S1_BANDS, shard_name
+from dsl.contracts.shard_format import (
+    FORMAT_VERSION,
+    MANIFEST,
+    S1_BANDS,
+    hashed_shard_path,
+    shard_name,
+)
 from dsl.contracts.shard_index import scan_offsets, write_index
-from dsl.contracts.storage import filesystem, join
+from dsl.contracts.storage import filesystem, is_local, join
 from ingest.raster import BadInput
 from ingest.sources import BadRecord, PairItem, get_source
 from ingest.stats import BandStats
@@ -41,7 +48,8 @@ class Partition:
     Attributes:
         split: The split the items were assigned to, or None without splits.
         index: The shard's number within its split.
-        items: The items, in key order.
+        items: The items, in the plan's scatter order (the order they are written in).
+        hashed: The shard goes under a hashed prefix (:func:`hashed_shard_path`).
     """
 
     split: str | None
@@ -50,10 +58,20 @@ class Partition:
 
     @property
     def shard(self) -> str:
-        """The shard's file name; its sidecar is ``_parts/<shard>.json``."""
+        """The shard's file name; its sidecar is ``_parts/<shard>.json``.
+
+        Sidecars stay flat even when the shard has a hashed prefix: one listing of ``_parts``
+        finds every committed partition.
+        """
         return shard_name(self._prefix, self.split, self.index)
 
+    @property
+    def path(self) -> str:
+        """The shard's path under the output root (the manifest's ``ShardEntry.name``)."""
+        return hashed_shard_path(self.shard) if self.hashed else self.shard
+
     _prefix: str = "pairs"
+    hashed: bool = False
 
 
 def assign_split(item: PairItem, val_fraction: float) -> str | None:
@@ -64,34 +82,52 @@ def assign_split(item: PairItem, val_fraction: float) -> str | None:
     return "val" if h < val_fraction else "train"
 
 
-def plan_partitions(items: list[PairItem], per_shard: int, val_fraction: float, prefix: str) -> list[Partition]:
-    """Cut the items into partitions of at most ``per_shard``, per split, in key order.
+def scatter_order(seed: int, key: str) -> str:
+    """An item's place in the plan: sha1 of ``"<seed>:<key>"``, uniform and independent of the key."""
+    return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
 
-    The result depends only on the items and the options, so a resumed run plans the same
-    partitions (and shard names) as the interrupted one.
+
+def plan_partitions(items: list[PairItem], per_shard: int, val_fraction: float, prefix: str, seed: int = 0,
+                    hashed: bool = False) -> list[Partition]:
+    """Cut each split's items, in seeded hash order, into partitions of at most ``per_shard``.
+
+    In key order a shard would be one scene or region (keys start with the place), and a reader's
+    shuffle buffer, which holds a few shards, would fill batches from a few places; in hash
+    order every shard is a sample of the whole split. Items are never cut (all tiles of one
+    item go to one shard), and the split stays by location (:func:`assign_split`). The result
+    depends only on the items' keys and the options, not on the listing order, so a resumed run
+    plans the same partitions (and shard names) as the interrupted one.
     """
     by_split: dict[str | None, list[PairItem]] = {}
-    for it in sorted(items, key=lambda i: i.key):
+    for it in sorted(items, key=lambda i: (scatter_order(seed, i.key), i.key)):
         by_split.setdefault(assign_split(it, val_fraction), []).append(it)
     parts = []
     for split in sorted(by_split, key=lambda s: s or ""):
         group = by_split[split]
         for i in range(0, len(group), per_shard):
-            parts.append(Partition(split, i // per_shard, tuple(group[i : i + per_shard]), prefix))
+            parts.append(Partition(split, i // per_shard, tuple(group[i : i + per_shard]), prefix, hashed))
     return parts
+
+
+def hashed_prefixes(cfg: IngestConfig) -> bool:
+    """Whether shards go under hashed prefixes: as configured, by default on object stores only."""
+    return not is_local(cfg.output) if cfg.hashed_prefixes is None else cfg.hashed_prefixes
 
 
 def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     """Read, validate and write one partition; returns (and commits) its sidecar."""
+    from ingest.tiling import tile_pair
+
     t0 = time.perf_counter()
     source = get_source(cfg.source, cfg.tile_size)
-    writer = ShardWriter(join(cfg.output, part.shard))
+    writer = ShardWriter(join(cfg.output, part.path))
     s1_stats = BandStats(len(S1_BANDS), integer=False)
     s2_stats, s2_bands, bad, keys = None, None, [], []
     try:
         for item in part.items:
             try:
-                pairs = list(source.read(item))  # all tiles of an item or none of them
+                # all tiles of an item or none of them
+                pairs = [t for p in source.read(item) for t in tile_pair(p, cfg.tile_size)]
             except BadInput as e:
                 bad.append(BadRecord(item.key, e.file, e.reason))
                 continue
@@ -102,13 +138,13 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
                 elif bands != s2_bands:
                     bad.append(BadRecord(pair.key, pair.meta["s2_file"], f"band set {bands} differs from {s2_bands}"))
                     continue
-                writer.add(sample_members(pair, part.split))
+                writer.add(sample_members(pair, part.split, cfg.encoding))
                 s1_stats.update(pair.s1)
                 s2_stats.update(pair.s2)
                 keys.append(pair.key)
         shard = None
         if writer.count:
-            shard = {"name": part.shard, "split": part.split, **writer.commit()}
+            shard = {"name": part.path, "split": part.split, **writer.commit()}
         else:
             writer.abort()
     except BaseException:
@@ -145,7 +181,9 @@ def items_per_shard(source, items: list[PairItem], shard_size_mb: float) -> int:
 
 def _plan_id(cfg: IngestConfig, items: list[PairItem], per_shard: int) -> str:
     h = hashlib.sha256()
-    opts = {k: getattr(cfg, k) for k in ("source", "input", "prefix", "val_fraction", "tile_size")}
+    opts = {k: getattr(cfg, k) for k in (
+        "source", "input", "prefix", "val_fraction", "tile_size", "shuffle_seed", "encoding")}
+    opts["hashed_prefixes"] = hashed_prefixes(cfg)  # as resolved: None and True on S3 plan the same
     h.update(json.dumps({"opts": opts, "per_shard": per_shard, "format": FORMAT_VERSION}, sort_keys=True).encode())
     for it in items:
         h.update(json.dumps(asdict(it), sort_keys=True).encode())
@@ -200,7 +238,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
     if not items:
         raise IngestError(f"no pairs found under {cfg.input} for source '{cfg.source}' ({len(listing_bad)} bad)")
     per_shard = items_per_shard(source, items, cfg.shard_size_mb)
-    parts = plan_partitions(items, per_shard, cfg.val_fraction, cfg.prefix)
+    parts = plan_partitions(items, per_shard, cfg.val_fraction, cfg.prefix, cfg.shuffle_seed, hashed_prefixes(cfg))
     plan_id = _plan_id(cfg, items, per_shard)
     plan_url = join(cfg.output, PARTS, "plan.json")
     plan = _read_json(plan_url)

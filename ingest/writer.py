@@ -1,8 +1,8 @@
 """Writing one shard: a plain tar built in a temp file, then committed in one atomic step.
 
 The tar is written by hand (tarfile's own headers, our own data path) so that array bytes go
-from numpy straight into the file and the sha256, with no intermediate copies: on the ingest
-hot path every copy of a 2 MB pair shows up in pairs/s.
+from numpy (plain .npy) or the compressor (compact members) straight into the file and the
+sha256, with no intermediate copies: on the ingest hot path every copy shows up in pairs/s.
 """
 
 from __future__ import annotations
@@ -16,7 +16,13 @@ import uuid
 
 import numpy as np
 
-from dsl.contracts.shard_format import encode_json
+from dsl.contracts.shard_format import (
+    S1_MAX_ERROR_DB,
+    S1_STEP_DB,
+    decode_blosc,
+    encode_blosc,
+    encode_json,
+)
 from dsl.contracts.storage import filesystem
 from ingest.sources.base import Pair
 
@@ -31,15 +37,56 @@ def npy_chunks(array: np.ndarray) -> list:
     return [header.getvalue(), memoryview(array).cast("B")]
 
 
-def sample_members(pair: Pair, split: str | None) -> list[tuple[str, list]]:
+def s1_member(s1: np.ndarray) -> tuple[str, list, float]:
+    """A pair's S1 member in the compact encoding, checked against the error bound.
+
+    The array is stored as int16 dB x 64 (``s1.blosc``; why, at ``S1_STEP_DB`` in
+    dsl/contracts/shard_format.py). The check decodes the very bytes to be written and compares
+    them with the float32 input. A sample that fails it (a value beyond +-511 dB such as a finite
+    nodata fill, or NaN, which sources refuse anyway) is stored at full precision as float32
+    ``s1.npy`` rather than quarantined: it is valid input, and today's nodata handling stays.
+
+    Returns:
+        ``(ext, chunks, max_error)``: the member's extension, its chunks and the largest
+        absolute error in dB of what it decodes to (0.0 for the full-precision fallback).
+    """
+    s1 = np.ascontiguousarray(s1, dtype=np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN / out of range: caught by the check
+        fixed = np.rint(s1 * np.float32(1 / S1_STEP_DB)).clip(-32768, 32767).astype(np.int16)
+    chunks = encode_blosc(fixed, scale=S1_STEP_DB)
+    error = float(np.max(np.abs(decode_blosc(b"".join(chunks), "s1.blosc") - s1), initial=0.0))
+    if not error <= S1_MAX_ERROR_DB:  # `not <=`: a NaN error fails too
+        return "s1.npy", npy_chunks(s1), 0.0
+    return "s1.blosc", chunks, error
+
+
+def sample_members(
+    pair: Pair, split: str | None, encoding: str = "compact"
+) -> list[tuple[str, list]]:
     """Return a pair's tar members ``(<key>.<ext>, chunks)`` in the shard format.
 
-    The members are s1.npy, s2.npy, for labelled pairs dfc.npy, cls and multi.npy, and last the
+    The members are S1 and S2, for labelled pairs dfc.npy, cls and multi.npy, and last the
     json metadata, which records ``split``.
+
+    Args:
+        pair: The pair.
+        split: Its split, or None.
+        encoding: ``compact`` (format 2: ``s1.blosc`` int16 fixed-point dB, falling back to
+            ``s1.npy`` per sample, see :func:`s1_member`; ``s2.blosc`` lossless) or ``plain``
+            (``s1.npy`` float32 and ``s2.npy`` uint16, as format 1 wrote them).
+
+    Raises:
+        ValueError: Unknown ``encoding``.
     """
     meta = dict(pair.meta)
     meta["split"] = split
-    members = [("s1.npy", npy_chunks(pair.s1)), ("s2.npy", npy_chunks(pair.s2))]
+    if encoding == "compact":
+        s1_ext, s1_chunks, _ = s1_member(pair.s1)
+        members = [(s1_ext, s1_chunks), ("s2.blosc", encode_blosc(pair.s2))]
+    elif encoding == "plain":
+        members = [("s1.npy", npy_chunks(pair.s1)), ("s2.npy", npy_chunks(pair.s2))]
+    else:
+        raise ValueError(f"unknown encoding {encoding!r}: compact or plain")
     if pair.dfc is not None:
         members += [
             ("dfc.npy", npy_chunks(pair.dfc)),

@@ -40,7 +40,17 @@ class IngestConfig(Section):
     shard_size_mb: float = Field(256.0, gt=0)
     max_bad_fraction: float = Field(0.05, ge=0.0, le=1.0)
     val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="0 disables the split")
-    tile_size: int = Field(256, ge=8, description="table source: rasters are tiled to this")
+    shuffle_seed: int = Field(0, description="scatters each split's items over its shards by a hash "
+                              "of (seed, key), so no shard is one scene or region; part of the plan")
+    hashed_prefixes: bool | None = Field(None, description="shards go under a short hashed folder "
+                                         "(<4 hex>/<shard>) to spread object-store request rates over key "
+                                         "prefixes; None: on for object stores, off for local paths")
+    tile_size: int = Field(256, ge=8, description="samples are cut into non-overlapping tiles of this "
+                           "edge (keys <key>_r<row>_c<col>, edges that do not fill a tile dropped); a "
+                           "sample smaller than one tile is kept whole")
+    encoding: Literal["compact", "plain"] = Field(
+        "compact", description="compact: s1.blosc (int16 fixed-point dB, within 0.01 dB) and s2.blosc "
+        "(lossless); plain: float32 s1.npy and uint16 s2.npy as format 1 wrote them")
     progress: bool = True
 
 
@@ -51,8 +61,14 @@ class DataConfig(Section):
     split: str | None = Field(None, description="train/val when ingested with a split")
     batch_size: int = Field(64, ge=1, description="per worker (rank)")
     crop_size: int = Field(128, ge=8)
-    shuffle_buffer: int = Field(1000, ge=0)
+    shuffle_block: int = Field(262_144, ge=1, description="training order: shards in a seeded order, "
+                               "their samples shuffled within blocks of this many (a global batch draws "
+                               "from one block); the order is the same for any ranks, workers and batch size")
     loader_workers: int = Field(2, ge=0)
+    read_retries: int = Field(6, ge=0, description="a failed shard read is retried this often (reopened "
+                              "at its offset, exponential backoff) before its shard is skipped for the job")
+    read_backoff_s: float = Field(0.5, ge=0, description="first retry's wait; doubles per retry")
+    read_max_backoff_s: float = Field(20.0, ge=0, description="longest wait between retries")
     normalisation: Literal["manifest", "clip"] = "manifest"
     s1_bands: list[int] | None = None
     s2_bands: list[int] | None = None

@@ -27,13 +27,22 @@ class _Record(BaseModel):
 
 
 class ShardEntry(_Record):
-    """One committed shard: its file name beside the manifest, split and sample count."""
+    """One committed shard: its path relative to the manifest (on object stores under a hashed
+    folder, ``<4 hex>/<shard>``), split and sample count."""
 
     name: str = Field(min_length=1)
     split: str | None
     samples: int = Field(ge=0)
     bytes: int | None = Field(None, ge=0)
     sha256: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _inside_the_dataset(cls, v: str) -> str:
+        # joined to the dataset's URL: an absolute path or a .. part would read outside it
+        if v.startswith("/") or "\\" in v or any(p in ("", ".", "..") for p in v.split("/")):
+            raise ValueError(f"shard name {v!r} is not a relative path inside the dataset")
+        return v
 
 
 class Bands(_Record):

@@ -141,30 +141,39 @@ def read_index(url: str, size: int, sha256: str) -> np.ndarray:
     return parse_index(data, url)
 
 
-def scan_offsets(url: str) -> list[int]:
-    """One shard's ``[start_0, ..., end]`` from its tar headers (datasets without an index).
+def scan_shard(url: str) -> tuple[list[int], list[str]]:
+    """One shard's ``[start_0, ..., end]`` and its samples' keys, from its tar headers.
 
-    Reads headers only: every member's data is skipped by seeking.
+    For datasets without an index, and to find selected keys. Reads headers only: every
+    member's data is skipped by seeking. Samples are grouped as webdataset groups them (same
+    folder and name up to the first dot, consecutive members).
 
     Raises:
         OSError: The shard cannot be opened or read as a tar; names the URL.
     """
     fs, path = filesystem(url)
     starts: list[int] = []
-    end, key = 0, None
+    keys: list[str] = []
+    end, last = 0, None
     try:
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for info in tar:
                 if not info.isreg():
                     continue
-                k = info.name.split("/")[-1].split(".", 1)[0]
-                prefix = info.name[: len(info.name) - len(info.name.split("/")[-1])]
-                if (prefix, k) != key:
+                folder, _, base = info.name.rpartition("/")
+                key = (folder + "/" if folder else "") + base.split(".", 1)[0]
+                if key != last:
                     starts.append(info.offset)
-                    key = (prefix, k)
+                    keys.append(key)
+                    last = key
                 end = info.offset_data + info.size
                 end += -end % tarfile.BLOCKSIZE
-                tar.members = []
+                tar.members = []  # streaming: forget the headers already read
     except (OSError, tarfile.TarError) as e:
         raise OSError(f"{url}: cannot read shard headers: {e}") from e
-    return [*starts, end] if starts else [0]
+    return ([*starts, end] if starts else [0]), keys
+
+
+def scan_offsets(url: str) -> list[int]:
+    """One shard's ``[start_0, ..., end]`` (see :func:`scan_shard`)."""
+    return scan_shard(url)[0]

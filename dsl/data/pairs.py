@@ -1,30 +1,39 @@
 """Streaming co-located S1/S2 pairs from WebDataset shards into equal, deterministic batches.
 
-Work is cut into *slots*, one per (rank, DataLoader worker). A slot owns a disjoint set of
-shards, or, when there are fewer shards than slots, every k-th sample of a shared shard. In
-training each slot cycles over its shards (reshuffled each pass, shuffle buffer within a pass)
-until it has produced its fixed quota of batches, so every rank yields exactly
-:func:`batches_per_epoch` batches whatever the shard layout: uneven ranks would hang the
-collective ops of distributed training.
+Training (:class:`SampleStream`) deals samples, not shards (:mod:`dsl.data.dealing`): the
+epoch is one seeded order of every sample id, cut into global batches of ``world x batch``;
+rank ``r`` takes the ``r``-th ``batch`` of each. Every sample is read once per epoch and never
+twice in one global batch, whatever the shard sizes, ranks and loader workers, and every rank
+yields the same number of batches (uneven ranks would hang the collectives). DataLoader worker
+``w`` builds the rank's batches ``w, w + W, ...``, which the DataLoader hands out round-robin,
+i.e. in order.
 
-Determinism and resume: every random choice (shard order, shuffle buffer, crop window) comes
-from RNGs seeded by (seed, epoch, rank, slot role), and each worker builds whole batches that
-the DataLoader returns round-robin, so global batch ``b`` of a rank is batch ``b // W`` of role
-``b % W``. A restart at ``start_batch=K`` gives DataLoader worker ``w`` the role ``(K + w) % W``
-and lets it skip ``(K + w) // W`` batches as raw bytes (read but never decoded), so the resumed
-stream continues exactly where the interrupted one stopped.
+Each sample is read as one byte range of its shard, found in the dataset's index
+(:mod:`dsl.contracts.shard_index`): a job resumed at sample ``P`` of an epoch reads nothing it
+skips, on any number of ranks. Reads that fail are retried and a shard that keeps failing is
+skipped for the rest of the job (:mod:`dsl.data.ranged`); its samples are replaced and counted
+in the batch's ``skipped``, so the job goes on with equal batches everywhere.
 
-Subsets: ``keys`` (shard name -> keys to keep, e.g. a label fraction) restricts a stream to
-those samples. Unselected members are skipped by seeking, never read or decoded; shards without a
-selected key are never opened, and slots and epoch length count the selected samples only.
+Crops: a sample's window is a function of (seed, epoch, sample id), so a resumed job, or one on
+another world size, crops it the same way.
 
-Memory: the shuffle buffer holds raw samples, about 2.2 MB each for a 256 px L1C pair, per
-worker (``data.shuffle_buffer`` 1000 is ~2.2 GB per worker at that size).
+Evaluation (:class:`EvalStream`) reads each sample of the split once, shard after shard,
+centre-cropped; ranks and workers each own whole shards (or every k-th sample of one).
+
+Subsets: ``keys`` (shard name -> keys to keep, e.g. a label fraction) restricts a stream to those
+samples; the epoch length counts the selected samples only.
+
+Memory: no shuffle buffer. A worker holds the batches it is building and the DataLoader's
+``prefetch_factor`` (2) finished batches per worker, in shared memory: per rank about
+``loader_workers x 3 x batch x (C1 + C2) x crop^2 x 4`` bytes (float32; half with
+``data.normalise_on_device``), e.g. 12 workers x 3 x 256 x 15 x 128^2 x 2 B = 2.3 GB at
+the shipped ResNet-50 settings. The epoch order costs O(shuffle_block) per worker.
 """
 
 from __future__ import annotations
 
-import itertools
+import heapq
+import logging
 import tarfile
 from collections.abc import Collection, Iterator, Mapping
 
@@ -36,13 +45,19 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from dsl.contracts.config import DataConfig
 from dsl.contracts.manifest import Manifest, ShardEntry, read_manifest, select_shards
-from dsl.contracts.shard_format import DFC_CLASSES, decode_npy
+from dsl.contracts.shard_format import DFC_CLASSES, S1_MEMBERS, S2_MEMBERS, decode_array
+from dsl.contracts.shard_index import ShardIndex, read_index, scan_shard
 from dsl.contracts.storage import join, register_webdataset_handlers
 
+from .dealing import EpochOrder, batches_left, crop_fractions, rank_slice
 from .normalise import Normaliser
+from .ranged import RangeReader, ShardUnavailable
+
+log = logging.getLogger(__name__)
 
 Slot = tuple[list[int], int, int]  # (shard indices, stride, offset): samples j % stride == offset
 KeySelection = Mapping[str, Collection[str]]  # shard name (as in the manifest) -> keys to keep
+LABEL_MEMBERS = ("cls", "multi.npy")
 
 
 def _members(stream, url: str, wanted: tuple[str, ...], keys: Collection[str] | None = None) -> Iterator[dict]:
@@ -62,7 +77,7 @@ def _members(stream, url: str, wanted: tuple[str, ...], keys: Collection[str] | 
 
 
 def read_shard(
-    url: str, wanted: tuple[str, ...] = ("s1.npy", "s2.npy"), keys: Collection[str] | None = None
+    url: str, wanted: tuple[str, ...] = (*S1_MEMBERS, *S2_MEMBERS), keys: Collection[str] | None = None
 ) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", <ext>: bytes}`` of one shard, members undecoded.
 
@@ -92,6 +107,44 @@ def read_shard(
         stream.close()
 
 
+def split_sample(data: bytes, url: str, start: int) -> dict:
+    """One sample's members from its byte range ``data`` (read at ``start`` of shard ``url``).
+
+    Plain ustar members only (what the writer writes): pax and GNU long-name records are
+    refused, which also keeps tarfile's quadratic pax parsing (CVE-2024-6232) off this path.
+
+    Returns:
+        ``{"__key__", "__url__", <ext>: memoryview}``: member data without copies.
+
+    Raises:
+        ValueError: Bad header checksum, a member that runs past the range, members of more than
+            one key, or no member; names the shard and the byte offset.
+    """
+    view, pos, sample = memoryview(data), 0, {"__url__": url}
+    block = tarfile.BLOCKSIZE
+    while pos + block <= len(view):
+        header = bytes(view[pos : pos + block])
+        if header == b"\0" * block:
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.TarError as e:
+            raise ValueError(f"{url}: byte {start + pos}: not a tar header ({e}); the index or shard is damaged") from None
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise ValueError(f"{url}: byte {start + pos}: member type {info.type!r} ({info.name}) is not a plain file")
+        data_at = pos + block
+        if data_at + info.size > len(view):
+            raise ValueError(f"{url}: byte {start + pos}: member {info.name} runs past its sample's index range")
+        key, ext = base_plus_ext(info.name)
+        if sample.setdefault("__key__", key) != key:
+            raise ValueError(f"{url}: byte {start}: index range holds samples {sample['__key__']!r} and {key!r}")
+        sample[ext] = view[data_at : data_at + info.size]
+        pos = data_at + info.size + (-info.size % block)
+    if "__key__" not in sample:
+        raise ValueError(f"{url}: byte {start}: no member in the sample's index range")
+    return sample
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A batch tensor; in a DataLoader worker, born in shared memory.
 
@@ -113,174 +166,15 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.
 RAW_DTYPES = (torch.float16, torch.uint16)
 
 
-def assign_slots(counts: list[int], n_slots: int) -> list[Slot]:
-    """Which shards (and which of their samples) each slot reads; slots never overlap.
+class Batcher:
+    """Decode, check, crop and normalise (or copy raw) a list of raw samples into one batch."""
 
-    Args:
-        counts: Samples per shard, in the order to deal them (ties keep this order).
-        n_slots: Ranks x workers.
-
-    With at least as many shards as slots, shards go largest first to the slot with the fewest
-    samples so far (balanced passes). With fewer, the slots sharing a shard each take every
-    k-th sample of it (k = slots on that shard).
-    """
-    n = len(counts)
-    if n >= n_slots:
-        shards: list[list[int]] = [[] for _ in range(n_slots)]
-        load = [0] * n_slots
-        for i in sorted(range(n), key=lambda i: -counts[i]):
-            s = load.index(min(load))
-            shards[s].append(i)
-            load[s] += counts[i]
-        return [(idx, 1, 0) for idx in shards]
-    return [([s % n], len(range(s % n, n_slots, n)), s // n) for s in range(n_slots)]
-
-
-def _shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Buffered shuffle of a finite stream (a pass), flushed at its end."""
-    if size <= 1:
-        yield from samples
-        return
-    buf: list[dict] = []
-    for s in samples:
-        if len(buf) < size:
-            buf.append(s)
-            continue
-        j = int(rng.integers(size))
-        yield buf[j]
-        buf[j] = s
-    for j in rng.permutation(len(buf)):
-        yield buf[j]
-
-
-class PairStream(IterableDataset):
-    """Batches of normalised pairs for one rank; each DataLoader worker yields whole batches.
-
-    Use :func:`make_loader`, which wraps this in a DataLoader with ``batch_size=None``.
-    With ``raw`` the batches hold the selected bands' raw values (:data:`RAW_DTYPES`), cropped
-    but not normalised: the training loop normalises them on its device.
-    """
-
-    def __init__(
-        self,
-        cfg: DataConfig,
-        manifest: Manifest,
-        rank: int,
-        world_size: int,
-        epoch: int = 0,
-        start_batch: int = 0,
-        labels: bool = False,
-        train: bool = True,
-        keys: KeySelection | None = None,
-        raw: bool = False,
-    ):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        shards, self.keep = _selected(select_shards(manifest, cfg.split), keys, cfg.split)
-        self.urls = [join(cfg.shards, s.name) for s in shards]
-        self.counts = [s.samples if keys is None else len(k) for s, k in zip(shards, self.keep, strict=True)]
-        self.rank, self.world_size, self.epoch, self.seed = rank, world_size, epoch, cfg.seed % 2**63
-        self.workers = max(1, cfg.loader_workers)  # 0 workers: the main process is the one slot
-        self.batch_size, self.crop, self.shuffle_buffer = cfg.batch_size, cfg.crop_size, cfg.shuffle_buffer
-        self.labels, self.train, self.start_batch, self.raw = labels, train, start_batch, raw
+    def __init__(self, cfg: DataConfig, manifest: Manifest, labels: bool, raw: bool):
         self.norm = Normaliser.from_manifest(manifest, cfg.normalisation, cfg.s1_bands, cfg.s2_bands)
         self.in_bands = (len(manifest.bands.s1), len(manifest.bands.s2 or []))
+        self.crop, self.labels, self.raw = cfg.crop_size, labels, raw
 
-        n_slots = world_size * self.workers
-        order = list(range(len(shards)))
-        if train:  # a new shard-to-slot deal each epoch; the same on every rank
-            order = [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(shards))]
-        dealt = assign_slots([self.counts[i] for i in order], n_slots)
-        self.slots = [([order[i] for i in idx], k, o) for idx, k, o in dealt]
-        for s, slot in enumerate(self.slots):
-            if train and self._pass_samples(slot) == 0:  # it could never fill its quota
-                raise ValueError(
-                    f"{cfg.shards}: slot {s} (rank {s // self.workers}, worker {s % self.workers}) gets no "
-                    f"samples: {sum(self.counts)} samples in {len(shards)} shards for {n_slots} rank x worker "
-                    "slots; use fewer data.loader_workers"
-                )
-        if train:
-            total = cfg.samples_per_epoch or sum(self.counts)
-            self.n_batches = total // (world_size * cfg.batch_size)
-            if self.n_batches == 0:
-                raise ValueError(
-                    f"data.batch_size {cfg.batch_size} x {world_size} ranks exceeds the {total} samples "
-                    "per epoch: not one full batch"
-                )
-            if not 0 <= start_batch <= self.n_batches:
-                raise ValueError(f"start_batch {start_batch} outside the epoch's {self.n_batches} batches")
-        elif start_batch:
-            raise ValueError("start_batch is for training streams; evaluation reads the split whole")
-
-    def _pass_samples(self, slot: Slot) -> int:
-        idx, stride, offset = slot
-        return sum(len(range(offset, self.counts[i], stride)) for i in idx)
-
-    def __len__(self) -> int:
-        """Batches this rank yields (from ``start_batch`` on)."""
-        if self.train:
-            return self.n_batches - self.start_batch
-        slots = self.slots[self.rank * self.workers : (self.rank + 1) * self.workers]
-        return sum(-(-self._pass_samples(s) // self.batch_size) for s in slots)
-
-    def __iter__(self) -> Iterator[dict]:
-        register_webdataset_handlers()  # workers started by spawn/forkserver lack the parent's
-        info = get_worker_info()
-        w, n = (info.id, info.num_workers) if info else (0, 1)
-        if n != self.workers:
-            raise RuntimeError(f"stream built for {self.workers} workers runs in {n}; use make_loader")
-        yield from self._train(w) if self.train else self._eval(w)
-
-    def _train(self, w: int) -> Iterator[dict]:
-        W, K, B = self.workers, self.start_batch, self.batch_size
-        role = (K + w) % W  # the worker whose batches this one continues after a restart
-        done = (K + w) // W  # that worker's batches consumed before the restart
-        quota = len(range(role, self.n_batches, W))
-        slot = self.slots[self.rank * W + role]
-        order_rng, shuffle_rng, crop_rng = (
-            np.random.default_rng([self.seed, self.epoch, self.rank, role, i]) for i in range(3)
-        )
-        samples = self._cycle(slot, order_rng, shuffle_rng)
-        for b in range(quota):
-            raw = list(itertools.islice(samples, B))  # raw bytes: skipping never decodes
-            windows = crop_rng.random((B, 2))  # drawn for skipped batches too: same RNG state
-            if b >= done:
-                yield self._batch(raw, windows)
-
-    def _eval(self, w: int) -> Iterator[dict]:
-        idx, stride, offset = self.slots[self.rank * self.workers + w]
-        raw: list[dict] = []
-        for sample in self._pass(idx, stride, offset):
-            raw.append(sample)
-            if len(raw) == self.batch_size:
-                yield self._batch(raw, None)
-                raw = []
-        if raw:
-            yield self._batch(raw, None)
-
-    def _cycle(self, slot: Slot, order_rng: np.random.Generator, shuffle_rng: np.random.Generator):
-        """Endless passes over a slot's samples; each pass is a permutation of them."""
-        idx, stride, offset = slot
-        while True:
-            order = [idx[i] for i in order_rng.permutation(len(idx))]
-            n = 0
-            for sample in _shuffle(self._pass(order, stride, offset), self.shuffle_buffer, shuffle_rng):
-                n += 1
-                yield sample
-            if n == 0:
-                raise ValueError(f"shards {[self.urls[i] for i in idx]} yielded no samples (manifest says otherwise)")
-
-    def _pass(self, idx: list[int], stride: int, offset: int) -> Iterator[dict]:
-        for i in idx:
-            for j, sample in enumerate(self._read(i)):
-                if j % stride == offset:
-                    yield sample
-
-    def _read(self, i: int) -> Iterator[dict]:
-        wanted = ("s1.npy", "s2.npy", "cls", "multi.npy") if self.labels else ("s1.npy", "s2.npy")
-        return read_shard(self.urls[i], wanted, self.keep[i])
-
-    def _member(self, sample: dict, name: str) -> bytes:
+    def _member(self, sample: dict, name: str):
         if name not in sample:
             raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r} has no member {name}")
         return sample[name]
@@ -288,13 +182,19 @@ class PairStream(IterableDataset):
     def _decode(self, sample: dict, name: str) -> np.ndarray:
         where = f"{sample['__url__']}: sample {sample['__key__']!r}: {name}"
         try:
-            return decode_npy(self._member(sample, name), where)
+            return decode_array(name, self._member(sample, name), where)
         except ValueError:
             raise
         except Exception as e:  # truncated or garbled bytes surface as EOFError, OSError ...
-            raise ValueError(f"{where}: corrupt .npy ({e})") from e
+            raise ValueError(f"{where}: corrupt member ({e})") from e
 
-    def _batch(self, raw: list[dict], windows: np.ndarray | None) -> dict:
+    def _array(self, sample: dict, names: tuple[str, ...]) -> np.ndarray:
+        """A sensor's array, from whichever of its member kinds the sample has (any format)."""
+        name = next((n for n in names if n in sample), names[-1])  # missing: name the plain one
+        return self._decode(sample, name)
+
+    def __call__(self, raw: list[dict], windows: np.ndarray | None) -> dict:
+        """The batch ``{"s1", "s2", "key"[, "cls", "multi"]}``; ``windows`` None: centre crops."""
         n, c = len(raw), self.crop
         (c1, c2), (n1, n2) = self.norm.channels, self.in_bands
         dtypes = RAW_DTYPES if self.raw else (torch.float32, torch.float32)
@@ -303,7 +203,7 @@ class PairStream(IterableDataset):
         cls = np.empty(n, dtype=np.int64)
         multi = np.empty((n, len(DFC_CLASSES)), dtype=np.float32)
         for i, sample in enumerate(raw):
-            a1, a2 = self._decode(sample, "s1.npy"), self._decode(sample, "s2.npy")
+            a1, a2 = self._array(sample, S1_MEMBERS), self._array(sample, S2_MEMBERS)
             if a1.ndim != 3 or a2.ndim != 3 or a1.shape[1:] != a2.shape[1:] or (a1.shape[0], a2.shape[0]) != (n1, n2):
                 raise ValueError(
                     f"{sample['__url__']}: sample {sample['__key__']!r}: s1 {a1.shape} / s2 {a2.shape} do not "
@@ -344,7 +244,7 @@ class PairStream(IterableDataset):
 
     def _labels(self, sample: dict) -> tuple[int, np.ndarray]:
         where = f"{sample['__url__']}: sample {sample['__key__']!r}"
-        text = self._member(sample, "cls")
+        text = bytes(self._member(sample, "cls"))
         try:
             cls = int(text.decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
@@ -353,6 +253,240 @@ class PairStream(IterableDataset):
         if multi.shape != (len(DFC_CLASSES),):
             raise ValueError(f"{where}: multi.npy has shape {multi.shape}, expected ({len(DFC_CLASSES)},)")
         return cls, multi
+
+
+def load_index(manifest: Manifest, shards_url: str, shards: list[ShardEntry]) -> ShardIndex:
+    """The byte-offset index of ``shards`` (a subset of the manifest's, in its order).
+
+    From ``index.npy`` when the manifest has one (checked against its size and sha256), else
+    (datasets of format 1) from the shards' tar headers.
+    """
+    if manifest.index is None:
+        table = np.asarray([o for s in shards for o in scan_shard(join(shards_url, s.name))[0]], dtype=np.int64)
+        return ShardIndex([s.samples for s in shards], table, f"{shards_url} (tar headers)", [s.bytes for s in shards])
+    url = join(shards_url, manifest.index.name)
+    full = ShardIndex([s.samples for s in manifest.shards], read_index(url, manifest.index.bytes,
+                                                                         manifest.index.sha256), url,
+                      [s.bytes for s in manifest.shards])
+    where = {s.name: i for i, s in enumerate(manifest.shards)}
+    runs = [full.offsets[full.base[where[s.name]] : full.base[where[s.name]] + s.samples + 1] for s in shards]
+    return ShardIndex([s.samples for s in shards], np.concatenate(runs), url, [s.bytes for s in shards])
+
+
+class SampleStream(IterableDataset):
+    """Training batches of one rank, from a global sample position on (see the module doc).
+
+    Args:
+        cfg: The data settings.
+        manifest: The dataset's manifest.
+        rank: This rank.
+        world_size: Data-parallel ranks.
+        epoch: The epoch to start in.
+        start_sample: Samples of that epoch all ranks together consumed before (resume).
+        epochs: Epochs to yield (None: endless, one persistent stream for the whole job).
+        labels: Also ``cls`` and ``multi``.
+        keys: Only these samples (shard name -> keys).
+        raw: Raw values of the selected bands (normalised on the device).
+
+    Raises:
+        ValueError: Bad split or selection, ``start_sample`` outside the epoch, not one full
+            global batch.
+    """
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest, rank: int, world_size: int, epoch: int = 0,
+                 start_sample: int = 0, epochs: int | None = 1, labels: bool = False,
+                 keys: KeySelection | None = None, raw: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        shards, keep = _selected(select_shards(manifest, cfg.split), keys, cfg.split)
+        self.urls = [join(cfg.shards, s.name) for s in shards]
+        self.index = load_index(manifest, cfg.shards, shards)
+        self.members = None if keys is None else _member_ids(self.index, self.urls, keep)
+        self.total = self.index.samples if self.members is None else len(self.members)
+        self.counts = np.diff(self.index.first) if self.members is None else np.bincount(
+            np.searchsorted(self.index.first, self.members, side="right") - 1, minlength=len(shards))
+        self.length = cfg.samples_per_epoch or self.total
+        self.rank, self.world_size, self.batch_size, self.seed = rank, world_size, cfg.batch_size, cfg.seed % 2**63
+        self.block, self.workers, self.epoch, self.start, self.epochs = cfg.shuffle_block, max(1, cfg.loader_workers), \
+            epoch, start_sample, epochs
+        self.retry = (cfg.read_retries, cfg.read_backoff_s, cfg.read_max_backoff_s)
+        self.batcher = Batcher(cfg, manifest, labels, raw)
+        if batches_left(self.length, 0, world_size, cfg.batch_size) == 0:
+            raise ValueError(
+                f"data.batch_size {cfg.batch_size} x {world_size} ranks exceeds the {self.length} samples "
+                "per epoch: not one full batch"
+            )
+        if not 0 <= start_sample <= self.length:
+            raise ValueError(f"start_sample {start_sample} outside the epoch's {self.length} samples")
+
+    def __len__(self) -> int:
+        """Batches this rank yields (one epoch from the start position; endless: that epoch's)."""
+        return batches_left(self.length, self.start, self.world_size, self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        register_webdataset_handlers()  # workers started by spawn/forkserver lack the parent's
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        if n != self.workers:
+            raise RuntimeError(f"stream built for {self.workers} workers runs in {n}; use make_loader")
+        reader = RangeReader(*self.retry)
+        try:
+            for epoch, order, ids in self.batch_ids(w, n):
+                yield self._batch(reader, order, ids, epoch)
+        finally:
+            reader.close()
+
+    def batch_ids(self, worker: int = 0, workers: int = 1) -> Iterator[tuple[int, EpochOrder, np.ndarray]]:
+        """(epoch, its order, sample ids) of each batch DataLoader worker ``worker`` builds.
+
+        The rank's ``k``-th batch since the start is built by worker ``k % workers``. Reads
+        nothing: dealing alone, e.g. to simulate many ranks.
+        """
+        k, epoch, start = 0, self.epoch, self.start
+        while self.epochs is None or epoch < self.epoch + self.epochs:
+            order = EpochOrder(self.counts, self.seed, epoch, self.block, self.length, self.members)
+            for g in range(batches_left(self.length, start, self.world_size, self.batch_size)):
+                if k % workers == worker:
+                    yield epoch, order, order.ids(*rank_slice(start, g, self.world_size, self.batch_size, self.rank))
+                k += 1
+            epoch, start = epoch + 1, 0
+
+    def _batch(self, reader: RangeReader, order: EpochOrder, ids: np.ndarray, epoch: int) -> dict:
+        samples: list[dict | None] = [None] * len(ids)
+        shard, begin, end = self.index.locate(ids)
+        for i in np.lexsort((begin, shard)):  # shard by shard, ascending offsets: sequential reads
+            try:
+                data = reader.read(self.urls[shard[i]], int(begin[i]), int(end[i]))
+            except ShardUnavailable as e:
+                log.warning("skipping a sample of an unavailable shard: %s", e)
+                continue
+            samples[i] = split_sample(data, self.urls[shard[i]], int(begin[i]))
+        skipped = sum(s is None for s in samples)
+        if skipped:
+            ids, samples = self._replace(reader, order, ids, samples)
+        batch = self.batcher(samples, crop_fractions(ids, self.seed, epoch))
+        batch["skipped"] = skipped
+        return batch
+
+    def _replace(self, reader: RangeReader, order: EpochOrder, ids: np.ndarray, samples: list):
+        """Fill the holes of unreadable samples with other readable samples of the epoch.
+
+        Counted in ``skipped``: the batch keeps its size, so every rank still steps together.
+        The stand-ins are drawn by a seeded generator (the same on a rerun), never from a shard
+        that failed, never twice in the batch.
+
+        Raises:
+            ShardUnavailable: No stand-in found in many tries (most of the dataset is gone).
+        """
+        ids = ids.copy()
+        rng = np.random.default_rng([self.seed, order.epoch, 2, int(ids[0])])
+        taken = set(ids.tolist())
+        holes = [i for i, s in enumerate(samples) if s is None]
+        for _ in range(64 * len(ids)):
+            if not holes:
+                return ids, samples
+            u = int(rng.integers(self.total))
+            cand = u if self.members is None else int(self.members[u])
+            if cand in taken:
+                continue
+            taken.add(cand)
+            shard, begin, end = (int(a[0]) for a in self.index.locate(np.array([cand])))
+            try:
+                data = reader.read(self.urls[shard], begin, end)
+            except ShardUnavailable:
+                continue
+            samples[holes[0]], ids[holes[0]] = split_sample(data, self.urls[shard], begin), cand
+            holes.pop(0)
+        if holes:
+            raise ShardUnavailable(f"{len(holes)} samples of a batch have no readable stand-in: "
+                                   f"unreadable shards {sorted(reader.bad_urls)[:3]}")
+        return ids, samples
+
+
+def _member_ids(index: ShardIndex, urls: list[str], keep: list) -> np.ndarray:
+    """Global ids (sorted) of the selected keys: the shards' keys come from their tar headers."""
+    ids = []
+    for i, (url, wanted) in enumerate(zip(urls, keep, strict=True)):
+        keys = scan_shard(url)[1]
+        if len(keys) != int(index.first[i + 1] - index.first[i]):
+            raise ValueError(f"{url}: holds {len(keys)} samples, the manifest says {int(index.first[i + 1] - index.first[i])}")
+        pos = {k: j for j, k in enumerate(keys)}
+        missing = sorted(set(wanted) - set(pos))
+        if missing:
+            raise ValueError(f"{url}: selected keys {missing[:3]} are not in the shard")
+        ids += sorted(int(index.first[i]) + pos[k] for k in wanted)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def assign_slots(counts: list[int], n_slots: int) -> list[Slot]:
+    """Which shards (and which of their samples) each evaluation slot reads; slots never overlap.
+
+    Args:
+        counts: Samples per shard, in the order to deal them (ties keep this order).
+        n_slots: Ranks x workers.
+
+    With at least as many shards as slots, shards go largest first to the slot with the fewest
+    samples so far (a heap: O(shards log slots)). With fewer, the slots sharing a shard each
+    take every k-th sample of it (k = slots on that shard).
+    """
+    n = len(counts)
+    if n >= n_slots:
+        shards: list[list[int]] = [[] for _ in range(n_slots)]
+        heap = [(0, s) for s in range(n_slots)]  # (samples so far, slot): ties to the lowest slot
+        for i in sorted(range(n), key=lambda i: -counts[i]):
+            load, s = heapq.heappop(heap)
+            shards[s].append(i)
+            heapq.heappush(heap, (load + counts[i], s))
+        return [(idx, 1, 0) for idx in shards]
+    return [([s % n], len(range(s % n, n_slots, n)), s // n) for s in range(n_slots)]
+
+
+class EvalStream(IterableDataset):
+    """Each sample of the split once, centre-cropped, in shard order; last batch partial.
+
+    Ranks and DataLoader workers each own whole shards (:func:`assign_slots`), so the ranks'
+    batch counts may differ: evaluation runs no collective per batch.
+    """
+
+    def __init__(self, cfg: DataConfig, manifest: Manifest, rank: int, world_size: int, labels: bool = False,
+                 keys: KeySelection | None = None, raw: bool = False):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        shards, self.keep = _selected(select_shards(manifest, cfg.split), keys, cfg.split)
+        self.urls = [join(cfg.shards, s.name) for s in shards]
+        self.counts = [s.samples if keys is None else len(k) for s, k in zip(shards, self.keep, strict=True)]
+        self.rank, self.workers, self.batch_size = rank, max(1, cfg.loader_workers), cfg.batch_size
+        self.batcher = Batcher(cfg, manifest, labels, raw)
+        self.wanted = (*S1_MEMBERS, *S2_MEMBERS, *(LABEL_MEMBERS if labels else ()))
+        self.slots = assign_slots(self.counts, world_size * self.workers)
+
+    def _pass_samples(self, slot: Slot) -> int:
+        idx, stride, offset = slot
+        return sum(len(range(offset, self.counts[i], stride)) for i in idx)
+
+    def __len__(self) -> int:
+        """Batches this rank yields."""
+        slots = self.slots[self.rank * self.workers : (self.rank + 1) * self.workers]
+        return sum(-(-self._pass_samples(s) // self.batch_size) for s in slots)
+
+    def __iter__(self) -> Iterator[dict]:
+        register_webdataset_handlers()
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        if n != self.workers:
+            raise RuntimeError(f"stream built for {self.workers} workers runs in {n}; use make_loader")
+        idx, stride, offset = self.slots[self.rank * self.workers + w]
+        raw: list[dict] = []
+        for i in idx:
+            for j, sample in enumerate(read_shard(self.urls[i], self.wanted, self.keep[i])):
+                if j % stride != offset:
+                    continue
+                raw.append(sample)
+                if len(raw) == self.batch_size:
+                    yield self.batcher(raw, None)
+                    raw = []
+        if raw:
+            yield self.batcher(raw, None)
 
 
 def _selected(shards: list[ShardEntry], keys: KeySelection | None, split: str | None):
@@ -372,7 +506,7 @@ def _selected(shards: list[ShardEntry], keys: KeySelection | None, split: str | 
 def batches_per_epoch(
     cfg: DataConfig, world_size: int, manifest: Manifest | None = None, keys: KeySelection | None = None
 ) -> int:
-    """Training batches every rank yields per epoch.
+    """Training batches every rank yields per epoch (from its start).
 
     ``(cfg.samples_per_epoch or the split's sample count) // (world_size * cfg.batch_size)``;
     pass ``manifest`` to avoid reading it again. With ``keys`` the count is the selected samples'.
@@ -392,12 +526,13 @@ def make_loader(
     rank: int,
     world_size: int,
     epoch: int = 0,
-    start_batch: int = 0,
+    start_sample: int = 0,
     labels: bool = False,
     train: bool = True,
     keys: KeySelection | None = None,
     manifest: Manifest | None = None,
     raw: bool = False,
+    epochs: int | None = 1,
 ) -> DataLoader:
     """A DataLoader of batches ``{"s1", "s2", "key"[, "cls", "multi"]}`` for one rank.
 
@@ -405,24 +540,32 @@ def make_loader(
         cfg: Shards URL, split, batch and crop size, workers, normalisation, seed ...
         rank: This rank's index among the data-parallel ranks.
         world_size: Number of data-parallel ranks.
-        epoch: Reseeds shard deal, shuffle and crops.
-        start_batch: Batches of this epoch already consumed (resume): they are skipped undecoded.
+        epoch: The (first) epoch: reseeds the order and the crops.
+        start_sample: Samples of that epoch consumed by all ranks together (resume): never read.
         labels: Also return ``cls`` (int64 [B]) and ``multi`` (float32 [B, 8]).
-        train: Random crops, shuffling and exactly :func:`batches_per_epoch` full batches;
-            False reads each sample of the split once, centre-cropped, in order, last batch partial.
+        train: Sample-level dealing, random crops and exactly :func:`batches_per_epoch` full
+            batches per epoch (training batches also carry ``skipped``); False reads each
+            sample of the split once, centre-cropped, in order, last batch partial.
         keys: Only these samples (shard name -> keys), e.g. a label fraction; None: all.
         manifest: The dataset's manifest, read from ``cfg.shards`` when None. Passing one
             saves the read, or normalises with other statistics (a pretrained backbone's).
         raw: ``s1``/``s2`` hold raw values of the selected bands (float16 dB / uint16), for
             normalising on the device (:meth:`~dsl.data.normalise.Normaliser.normalise_batch`).
+        epochs: Training: epochs to run through (None: endless, one stream for the whole job).
 
     Raises:
         FileNotFoundError: No manifest (unfinished ingest).
-        ValueError: Bad split, band selection, too few samples for the ranks and workers.
+        ValueError: Bad split, band selection, too few samples for the ranks.
     """
     register_webdataset_handlers()
     manifest = manifest if manifest is not None else read_manifest(cfg.shards)
-    stream = PairStream(cfg, manifest, rank, world_size, epoch, start_batch, labels, train, keys, raw)
+    if train:
+        stream: IterableDataset = SampleStream(cfg, manifest, rank, world_size, epoch, start_sample, epochs,
+                                               labels, keys, raw)
+    elif epoch or start_sample:
+        raise ValueError("epoch and start_sample are for training streams; evaluation reads the split whole")
+    else:
+        stream = EvalStream(cfg, manifest, rank, world_size, labels, keys, raw)
     # batch_size=None: workers yield whole batches, which the DataLoader returns round-robin
     # (in order), the property resume relies on.
     return DataLoader(

@@ -105,9 +105,8 @@ def resume_engine(engine, directory: Path, world: int, batch_size: int) -> dict:
     Written by the same number of workers, DeepSpeed's own per-rank files are loaded. Written by
     another number (an elastic resume, or a cluster that came back smaller), the world-size-free
     :data:`FULL_STATE` is: fp32 master weights and AdamW moments, then the step counters and
-    the LR schedule. The position is then counted in global samples: ``batch`` becomes the
-    first batch of the new world size not yet fully consumed, replaying less than one global
-    batch when the old and new global batches do not divide each other.
+    the LR schedule. Either way the stream position is in samples of the epoch (independent of
+    the world size, :func:`stream_position`): the new ranks continue the same sample order.
 
     Raises:
         ValueError: An unreadable ``state.json`` or full state, or one from another model.
@@ -115,7 +114,7 @@ def resume_engine(engine, directory: Path, world: int, batch_size: int) -> dict:
     from dsl.runtime import full_state
 
     state = load_state(directory)
-    position = {"epoch": state["position"]["epoch"], "batch": state["position"]["batch"]}
+    position = stream_position(state, world, batch_size)
     if state.get("world", world) == world:  # checkpoints written before "world" was recorded: same size
         engine.load_checkpoint(str(directory), tag=DS_TAG, load_module_strict=True)
         return position
@@ -128,5 +127,21 @@ def resume_engine(engine, directory: Path, world: int, batch_size: int) -> dict:
         group["lr"] = lr
     engine.global_steps, engine.skipped_steps = state["global_steps"], state["skipped_steps"]
     engine.global_samples = state["global_samples"]
-    position["batch"] = state["position"]["samples"] // (world * batch_size)
     return position
+
+
+def stream_position(state: dict, world: int, batch_size: int) -> dict:
+    """The ``{"epoch", "sample"}`` to resume the data stream at, from a checkpoint's state.
+
+    Checkpoints written before sample-level dealing recorded ``{"epoch", "batch"[, "samples"]}``:
+    their position is converted to samples (their shard-level order is gone, so such a resume
+    continues the new order at the same count).
+    """
+    p = state["position"]
+    if "sample" in p:
+        sample = p["sample"]
+    elif "samples" in p:
+        sample = p["samples"]
+    else:
+        sample = p["batch"] * state.get("world", world) * batch_size
+    return {"epoch": int(p["epoch"]), "sample": int(sample)}

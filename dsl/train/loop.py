@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dsl.collectives import mean_across_ranks
+from dsl.collectives import all_reduce, mean_across_ranks
 from dsl.contracts.config import Config
 from dsl.contracts.manifest import Manifest, read_manifest
 from dsl.contracts.model_card import ModelCard, save_weights
@@ -207,7 +207,7 @@ def train_loop(config: dict) -> None:
     prepare_model(objective, cfg.scale, device, compile_target=objective.model)
     engine, dtype = build_engine(objective, objective.parameters(), cfg.optim, cfg.deepspeed, cfg.data.batch_size)
 
-    position = {"epoch": 0, "batch": 0}
+    position = {"epoch": 0, "sample": 0}  # samples of the epoch consumed: any world size resumes it
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -233,8 +233,7 @@ def train_loop(config: dict) -> None:
             # collective too: the fp32 master and AdamW's moments, whole, for another world size
             fp32, moments = full_state.gather(engine)
             if rank == 0:
-                save_state(Path(tmp), {"position": {**consumed, "samples": consumed["batch"] * world * cfg.data.batch_size},
-                                       "step": step, "final": final, **engine_counters(engine, world)})
+                save_state(Path(tmp), {"position": consumed, "step": step, "final": final, **engine_counters(engine, world)})
                 torch.save({"weights": fp32, "moments": moments}, Path(tmp) / FULL_STATE)
                 # registered weights are the fp32 master; integer buffers (BatchNorm's count) as they are
                 state_dict = {k: fp32.get(k, v) for k, v in engine.module.state_dict().items()}
@@ -245,7 +244,7 @@ def train_loop(config: dict) -> None:
     # The stream's position advances as batches are read, which the device prefetch does ahead
     # of training; each batch comes with the position after it, and `consumed` is that of the
     # last batch trained on: what a checkpoint records, so a resumed job starts at the next one.
-    consumed = dict(position)
+    consumed, skipped = dict(position), 0
     stream = resume_stream(cfg.data, rank, world, position, manifest, raw=cfg.data.normalise_on_device) \
         if step < stop else ()
     for batch, consumed in DevicePrefetcher(with_positions(stream, position), device, cfg.data.device_prefetch):
@@ -254,6 +253,7 @@ def train_loop(config: dict) -> None:
             logger.log({"launch_to_first_step_s": time.time() - config.get("launch_time", time.time()),
                         "torch_threads": torch.get_num_threads()}, step)
             first_step = False
+        skipped += batch.get("skipped", 0)
         train_step(batch)
         t_end = time.perf_counter()
         # host time: on GPU the kernels run on after it, so pairs_per_s is the rate to read there
@@ -271,6 +271,8 @@ def train_loop(config: dict) -> None:
             # the logged loss is the global one: every rank's local loss, averaged
             metrics["loss"] = mean_across_ranks(metrics["loss"])
             metrics["lr"] = engine.get_lr()[0]
+            # samples of unreadable shards replaced in their batches, all ranks, since this start
+            metrics["data_skipped_samples"] = float(all_reduce(torch.tensor([float(skipped)])).item())
             metrics["pairs_per_s"] = world * cfg.data.batch_size * n / (time.perf_counter() - t_start)
             metrics["step"], metrics["epoch"] = step, consumed["epoch"]
             if objective.temperature() is not None:

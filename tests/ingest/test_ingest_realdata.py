@@ -52,7 +52,8 @@ def sen12ms_tree(tmp_path_factory):
 
 def test_sen12ms_real_pair_bit_for_bit(sen12ms_tree, tmp_path, ray_session):
     out = str(tmp_path / "shards")
-    m = ingest(IngestConfig(source="sen12ms", input=str(sen12ms_tree), output=out, max_bad_fraction=1.0, progress=False))
+    m = ingest(IngestConfig(source="sen12ms", input=str(sen12ms_tree), output=out, max_bad_fraction=1.0, progress=False,
+                            encoding="plain"))  # bit for bit; the compact members: test_sample_encoding.py
     assert m.samples == 1 and m.bad == 2
     samples = read_shards(out, m)
     s = samples["ROIs1868_summer_19_p30"]
@@ -98,7 +99,7 @@ def test_sen12ms_real_pair_bit_for_bit(sen12ms_tree, tmp_path, ray_session):
 def test_bigearthnet_real_pairs(tmp_path, ray_session):
     root = realdata("bigearthnet-mm")
     out = str(tmp_path / "ben")
-    m = ingest(IngestConfig(source="bigearthnet", input=str(root), output=out, progress=False))
+    m = ingest(IngestConfig(source="bigearthnet", input=str(root), output=out, progress=False, encoding="plain"))
     assert m.samples == 6 and m.bad == 0
     assert m.bands.s2 == list(S2_L2A_BANDS)
     samples = read_shards(out, m)

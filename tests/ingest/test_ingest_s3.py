@@ -11,6 +11,7 @@ import webdataset as wds
 from fixtures.services import make_bucket
 
 from dsl.cli import main as cli
+from dsl.contracts.shard_format import register_webdataset_decoders
 from dsl.contracts.storage import register_webdataset_handlers
 from ingest.synth import synthesise
 
@@ -35,11 +36,12 @@ def test_s3_to_s3_and_back_with_stock_webdataset(tmp_path, ray_session, capsys):
         assert info["size"] == shard["bytes"]
 
     register_webdataset_handlers()
+    register_webdataset_decoders()  # .blosc members
     urls = [f"{out}/{s['name']}" for s in manifest["shards"]]
     seen = 0
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode():
-        assert sample["s1.npy"].dtype == np.float32 and sample["s1.npy"].shape == (2, 32, 32)
-        assert sample["s2.npy"].dtype == np.uint16 and sample["s2.npy"].shape == (13, 32, 32)
+        assert sample["s1.blosc"].dtype == np.float32 and sample["s1.blosc"].shape == (2, 32, 32)
+        assert sample["s2.blosc"].dtype == np.uint16 and sample["s2.blosc"].shape == (13, 32, 32)
         assert sample["dfc.npy"].shape == (32, 32) and sample["multi.npy"].shape == (8,)
         assert sample["json"]["split"] in ("validation", "test") and 0 <= sample["cls"] <= 255
         seen += 1

@@ -13,7 +13,13 @@ import zarr
 from affine import Affine
 
 from dsl.contracts.config import IngestConfig
-from dsl.contracts.shard_format import IGNORE, dfc_remap, dfc_targets
+from dsl.contracts.shard_format import (
+    IGNORE,
+    decode_array,
+    dfc_remap,
+    dfc_targets,
+    webdataset_decoder,
+)
 from ingest.run import ingest
 from ingest.synth import synthesise
 
@@ -25,11 +31,11 @@ def test_tar_readable_and_no_pickle(tmp_path, ray_session):
     shard = out / m.shards[0].name
     names = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
     assert len(names) == 3 * 4 and all(n.rsplit(".", 2)[0].count(".") == 0 for n in names)
-    assert {n.split(".", 1)[1] for n in names} == {"s1.npy", "s2.npy", "json"}
+    assert {n.split(".", 1)[1] for n in names} == {"s1.blosc", "s2.blosc", "json"}
     dest = tmp_path / "x"
     dest.mkdir()
     subprocess.run(["tar", "xf", str(shard), "-C", str(dest)], check=True)
-    arr = np.load(dest / names[0], allow_pickle=False)
+    arr = decode_array(names[0].split(".", 1)[1], (dest / names[0]).read_bytes(), names[0])
     assert arr.dtype in (np.float32, np.uint16)
     for member in m.shards:
         import hashlib
@@ -83,8 +89,9 @@ def test_zarr_source(tmp_path, ray_session):
     assert q["key"] == "zarr_00000003" and "NaN/inf" in q["reason"] and "s1[3]" in q["file"]
     import webdataset as wds
 
-    got = {s["__key__"]: s for s in wds.WebDataset(str(out / m.shards[0].name), shardshuffle=False).decode()}
-    assert np.array_equal(got["zarr_00000002"]["s2.npy"], s2[2])
+    got = {s["__key__"]: s for s in wds.WebDataset(str(out / m.shards[0].name), shardshuffle=False)
+           .decode(webdataset_decoder)}
+    assert np.array_equal(got["zarr_00000002"]["s2.blosc"], s2[2])
 
 
 def _write(path, data, transform, crs="EPSG:32632"):
@@ -114,9 +121,10 @@ def test_manifest_source_tiles_large_rasters(tmp_path, ray_session, fmt):
     assert m.samples == 4 and m.bad == 1
     import webdataset as wds
 
-    got = {s["__key__"]: s for s in wds.WebDataset(str(out / m.shards[0].name), shardshuffle=False).decode()}
+    got = {s["__key__"]: s for s in wds.WebDataset(str(out / m.shards[0].name), shardshuffle=False)
+           .decode(webdataset_decoder)}
     assert sorted(got) == ["scene_a_r0_c0", "scene_a_r0_c1", "scene_a_r1_c0", "scene_a_r1_c1"]
-    assert np.array_equal(got["scene_a_r1_c0"]["s2.npy"], s2[:, 32:, :32])
+    assert np.array_equal(got["scene_a_r1_c0"]["s2.blosc"], s2[:, 32:, :32])
     assert got["scene_a_r1_c0"]["json"]["transform"][2] == 500000 and got["scene_a_r1_c0"]["json"]["transform"][5] == 4000000 - 320
     (q,) = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
     assert q["key"] == "scene_b" and "grid mismatch" in q["reason"]

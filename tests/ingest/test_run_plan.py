@@ -41,17 +41,18 @@ def test_split_by_location_hash():
         assert run.assign_split(item("k", "d"), fraction) is None
 
 
-def test_partitions_per_split_in_key_order():
+def test_partitions_per_split_in_scatter_order():
+    # sha1("0:<key>") starts k7 1f3f, k6 4034, k5 9891, k2 c2b3, k1 d87d (train); k0 72b6, k4 aad1, k3 bec4
     items = [item(f"k{i}", loc) for i, loc in enumerate("dabhfceg")]
     parts = run.plan_partitions(items, 2, 0.3, "px")
     assert [(p.split, p.index, [i.key for i in p.items], p.shard) for p in parts] == [
-        ("train", 0, ["k1", "k2"], "px-train-000000.tar"),
-        ("train", 1, ["k5", "k6"], "px-train-000001.tar"),
-        ("train", 2, ["k7"], "px-train-000002.tar"),
-        ("val", 0, ["k0", "k3"], "px-val-000000.tar"),
-        ("val", 1, ["k4"], "px-val-000001.tar"),
+        ("train", 0, ["k7", "k6"], "px-train-000000.tar"),
+        ("train", 1, ["k5", "k2"], "px-train-000001.tar"),
+        ("train", 2, ["k1"], "px-train-000002.tar"),
+        ("val", 0, ["k0", "k4"], "px-val-000000.tar"),
+        ("val", 1, ["k3"], "px-val-000001.tar"),
     ]
-    # without a split: one series, the source's own splits sorted with None first
+    # without a split: one series, the source's own splits sorted with None first (a 4618 < d e3f2)
     items = [item("b", "x", "test"), item("a", "y"), item("c", "z", "test"), item("d", "w")]
     parts = run.plan_partitions(items, 5, 0.0, "pairs")
     assert [(p.split, p.index, [i.key for i in p.items], p.shard) for p in parts] == [
@@ -64,12 +65,16 @@ def test_plan_id_is_stable_and_covers_what_shapes_the_output():
     cfg = IngestConfig(input="/in")
     pid = run._plan_id(cfg, items, 3)
     # a plan written by an earlier run of this version must be recognised by the next
-    assert pid == "2a654498af65d8dd4c19a85826ba0e0724aad619bd0281310872fc0d2519a56a"
+    # (and not one of the key-ordered plans before the scatter: those wrote other partitions)
+    assert pid == "1c9aa0300df9006e4414736b84628e032f2e6198ae5ea6b91d1c4f4e455576b8"
     changed = [cfg.model_copy(update={k: v}) for k, v in
-               {"source": "zarr", "input": "/other", "prefix": "p2", "val_fraction": 0.1, "tile_size": 128}.items()]
+               {"source": "zarr", "input": "/other", "prefix": "p2", "val_fraction": 0.1, "tile_size": 128,
+                "shuffle_seed": 1, "hashed_prefixes": True, "encoding": "plain"}.items()]
     assert len({pid, *(run._plan_id(c, items, 3) for c in changed), run._plan_id(cfg, items, 4),
-                run._plan_id(cfg, items[:3], 3)}) == 8
-    same = cfg.model_copy(update={"workers": 7, "output": "/else", "progress": False, "max_bad_fraction": 0.5})
+                run._plan_id(cfg, items[:3], 3)}) == 11
+    # hashed_prefixes counts as resolved: False is what None means for a local output
+    same = cfg.model_copy(update={"workers": 7, "output": "/else", "progress": False, "max_bad_fraction": 0.5,
+                                  "hashed_prefixes": False})
     assert run._plan_id(same, items, 3) == pid
 
 

@@ -46,9 +46,12 @@ def pair(dfc: bool) -> Pair:
 
 
 def test_sample_members_in_the_shard_format():
-    plain = sample_members(pair(False), "train")
+    plain = sample_members(pair(False), "train", "plain")
     assert [n for n, _ in plain] == ["loc1.s1.npy", "loc1.s2.npy", "loc1.json"]
-    labelled = dict(sample_members(pair(True), None))
+    compact = sample_members(pair(True), None)  # the default; its bytes: test_sample_encoding.py
+    assert [n for n, _ in compact] == ["loc1.s1.blosc", "loc1.s2.blosc", "loc1.dfc.npy", "loc1.cls", "loc1.multi.npy",
+                                       "loc1.json"]
+    labelled = dict(sample_members(pair(True), None, "plain"))
     assert list(labelled) == ["loc1.s1.npy", "loc1.s2.npy", "loc1.dfc.npy", "loc1.cls", "loc1.multi.npy", "loc1.json"]
     assert labelled["loc1.cls"] == [b"3"]
     joined = {n: b"".join(bytes(c) for c in chunks) for n, chunks in labelled.items()}

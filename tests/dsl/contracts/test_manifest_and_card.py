@@ -46,6 +46,15 @@ def test_manifest_errors_name_the_key():
         parse_manifest(json.dumps({k: v for k, v in MANIFEST_DOC.items() if k != "format_version"}), "m.json")
 
 
+@pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/../../b.tar", "./a.tar", "a\\b.tar", "a//b.tar"])
+def test_shard_names_outside_the_dataset_are_refused(name):
+    doc = {**MANIFEST_DOC, "shards": [{"name": name, "split": None, "samples": 1}]}
+    with pytest.raises(ValueError, match=r"m.json: shards.0.name: .*is not a relative path inside the dataset"):
+        parse_manifest(json.dumps(doc), "m.json")
+    ok = {**MANIFEST_DOC, "shards": [{"name": "ab12/pairs-000001.tar", "split": None, "samples": 1}]}
+    assert parse_manifest(json.dumps(ok), "m.json").shards[0].name == "ab12/pairs-000001.tar"  # hashed folder
+
+
 def _card(**changes) -> dict:
     card = ModelCard(model=ModelConfig(), loss=LossConfig(), s1_chans=2, s2_chans=1, img_size=32,
                      band_names={"s1": ["VV", "VH"], "s2": ["B2"]}, normalisation="manifest",
