@@ -27,8 +27,10 @@ class _Record(BaseModel):
 
 
 class ShardEntry(_Record):
-    """One committed shard: its path relative to the manifest (on object stores under a hashed
-    folder, ``<4 hex>/<shard>``), split and sample count."""
+    """One committed shard: its path relative to the manifest, split and sample count.
+
+    On object stores the path has a hashed folder, ``<4 hex>/<shard>``.
+    """
 
     name: str = Field(min_length=1)
     split: str | None

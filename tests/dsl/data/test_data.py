@@ -7,6 +7,7 @@ batches can be checked value by value).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from dsl.data import (
     make_loader,
 )
 from dsl.data import pairs as pairs_mod
+from dsl.data.ranged import RangeReader
 from ingest.stats import BandStats
 
 
@@ -155,7 +157,12 @@ def test_three_shards_two_ranks_equal_batches(data):
             assert len(batches) == len(make_loader(cfg, r, 2)) == n
             assert all(len(b["key"]) == 3 and b["s1"].shape == (3, 2, 16, 16) for b in batches)
             assert all(b["s2"].shape == (3, 13, 16, 16) for b in batches)
-        assert not set(keys_of(ranks[0])) & set(keys_of(ranks[1])), "ranks share samples"
+        times = Counter(keys_of(ranks[0]) + keys_of(ranks[1]))
+        if spe is None:
+            assert not set(keys_of(ranks[0])) & set(keys_of(ranks[1])), "ranks share samples"
+            assert len(times) == 24 and max(times.values()) == 1  # 27 // 6 global batches, none twice
+        else:  # 60 samples of 27: the shards laid out 2 2/9 times, so every sample 2 or 3 times
+            assert len(times) == 27 and set(times.values()) == {2, 3} and sum(times.values()) == 60
 
 
 def test_one_shard_two_ranks_two_workers(data):
@@ -170,33 +177,40 @@ def test_one_shard_two_ranks_two_workers(data):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_uneven_shards_every_rank_yields_the_global_count(tmp_path, workers):
-    """Ranks whose own shares differ by more than a batch still yield the global count each.
+    """Whatever the shard sizes, every rank yields the global count of full batches.
 
-    Counting a rank's own share instead (29 vs 5 samples with 0 workers) would give the ranks
-    different epoch lengths, and the longer one would hang in its next collective.
+    Samples are dealt, not shards: one 29-sample shard and two tiny ones still give each rank its
+    slice of every global batch (dealing whole shards would give one rank 29 samples, the other
+    5, and the longer one would hang in its next collective).
     """
     root = write_dataset(tmp_path / "uneven", [29, 3, 2])
     cfg = cfg_for(root, loader_workers=workers)
     n = batches_per_epoch(cfg, 2)
     assert n == 34 // 6 == 5
-    for epoch in (0, 1, 2):  # the shard deal changes per epoch: shares differ in every one
-        stream = pairs_mod.PairStream(cfg, read_manifest(root), 0, 2, epoch)
-        shares = [sum(stream._pass_samples(s) for s in stream.slots[r * stream.workers : (r + 1) * stream.workers])
-                  for r in (0, 1)]
-        assert abs(shares[0] - shares[1]) > cfg.batch_size, shares  # the case that would diverge
+    big = {f"loc{i:04d}" for i in range(29)}
+    for epoch in (0, 1, 2):
+        seen = []
         for rank in (0, 1):
             loader = make_loader(cfg, rank, 2, epoch=epoch)
             batches = list(loader)
-            assert len(batches) == len(loader) == n, (epoch, rank, shares)
+            assert len(batches) == len(loader) == n, (epoch, rank)
             assert all(len(b["key"]) == 3 for b in batches)
+            keys = keys_of(batches)
+            assert len(big & set(keys)) >= 15 - 5  # both ranks read the big shard, at most 5 others
+            seen += keys
+        assert len(seen) == len(set(seen)) == 30  # 5 global batches of 6, no sample twice
 
 
-def test_too_few_samples_is_an_error(tmp_path):
+def test_too_few_samples_is_an_error_more_workers_than_batches_is_not(tmp_path):
     cfg = cfg_for(write_dataset(tmp_path / "d", [2]), loader_workers=2)
-    with pytest.raises(ValueError, match="gets no samples.*use fewer data.loader_workers"):
+    with pytest.raises(ValueError, match="data.batch_size 3 x 2 ranks exceeds the 2 samples per epoch: not one full"):
         make_loader(cfg, 0, 2)
     with pytest.raises(ValueError, match="not one full batch"):
         make_loader(cfg_for(str(tmp_path / "d"), batch_size=4), 0, 1)
+    # one batch per rank for two workers each: the second worker builds nothing, nothing fails
+    cfg = cfg.model_copy(update={"batch_size": 1})
+    ranks = [all_batches(cfg, r, 2) for r in (0, 1)]
+    assert [len(b) for b in ranks] == [1, 1] and sorted(keys_of(ranks[0]) + keys_of(ranks[1])) == ["loc0000", "loc0001"]
 
 
 # ---------------------------------------------------------------- cropping
@@ -285,30 +299,43 @@ def test_deterministic_and_epoch_dependent(data):
     assert keys_of(all_batches(cfg, epoch=2)) != keys_of(a)
 
 
-@pytest.mark.parametrize("start", [0, 3, 6, 11])
+@pytest.mark.parametrize("start", [0, 6, 7, 12, 21, 22, 23])
 def test_resume_mid_epoch_equals_full_epoch(data, start):
+    """Resumed at any sample (a batch's start or not, the epoch's end): the epoch's next samples."""
     cfg = cfg_for(data["resume"], batch_size=2, loader_workers=2)  # 23 samples -> 11 batches
     full = all_batches(cfg, epoch=3)
     assert len(full) == batches_per_epoch(cfg, 1) == 11
-    resumed = all_batches(cfg, epoch=3, start_batch=start)
-    assert len(resumed) == len(make_loader(cfg, 0, 1, epoch=3, start_batch=start)) == 11 - start
-    assert keys_of(full[:start] + resumed) == keys_of(full)
-    for x, y in zip(full[start:], resumed, strict=True):
-        assert (x["s1"] == y["s1"]).all() and (x["s2"] == y["s2"]).all()  # same crops too
+    resumed = all_batches(cfg, epoch=3, start_sample=start)
+    assert len(resumed) == len(make_loader(cfg, 0, 1, epoch=3, start_sample=start)) == (23 - start) // 2
+    got = keys_of(resumed)
+    order = keys_of(full) + keys_of(all_batches(cfg_for(data["resume"], batch_size=1), epoch=3))[22:]
+    assert got == order[start : start + len(got)]
+    rows = {k: (b["s1"][i], b["s2"][i]) for b in full for i, k in enumerate(b["key"])}
+    for b in resumed:  # same crops too: a sample's window does not depend on where the job started
+        for i, k in enumerate(b["key"]):
+            if k in rows:
+                assert torch.equal(rows[k][0], b["s1"][i]) and torch.equal(rows[k][1], b["s2"][i]), k
+    assert all(k in rows for k in got[:-1])  # (only an odd start reaches the sample full leaves out)
 
 
-def test_resume_skips_without_decoding(data, monkeypatch):
-    calls = []
-    original = pairs_mod.decode_npy
+def test_resume_skips_without_reading_or_decoding(data, monkeypatch):
+    calls, reads = [], []
+    decode, read = pairs_mod.Batcher._decode, RangeReader.read
 
-    def counting(raw, name="<npy>"):
+    def counting(self, sample, name):
         calls.append(name)
-        return original(raw, name)
+        return decode(self, sample, name)
 
-    monkeypatch.setattr(pairs_mod, "decode_npy", counting)
+    def reading(self, url, start, end):
+        reads.append((url, start, end))
+        return read(self, url, start, end)
+
+    monkeypatch.setattr(pairs_mod.Batcher, "_decode", counting)
+    monkeypatch.setattr(RangeReader, "read", reading)
     cfg = cfg_for(data["resume"], batch_size=2)
-    batches = all_batches(cfg, start_batch=7)
+    batches = all_batches(cfg, start_sample=14)
     assert len(batches) == 4 and len(calls) == 4 * 2 * 2  # only the 4 remaining batches, s1 + s2
+    assert len(reads) == len(set(reads)) == 8  # one range read per remaining sample, none skipped
 
 
 # ---------------------------------------------------------------- labels and bad data
@@ -333,7 +360,7 @@ def test_corrupt_member_names_shard_and_key(tmp_path):
 
     root = write_dataset(tmp_path / "bad", [4], members=garble)
     with pytest.raises(ValueError, match=rf"{root}/pairs-000000.tar: sample 'loc0002': s2.npy"):
-        all_batches(cfg_for(root, batch_size=4, shuffle_buffer=0))
+        all_batches(cfg_for(root, batch_size=4))
 
 
 def test_pickled_member_is_refused(tmp_path):
@@ -356,7 +383,7 @@ def test_truncated_shard_names_url(tmp_path):
     shard = Path(root) / "pairs-000000.tar"
     shard.write_bytes(shard.read_bytes()[:60_000])  # cut inside the second sample
     with pytest.raises(OSError, match=rf"{shard}: cannot read shard"):
-        all_batches(cfg_for(root, batch_size=2, shuffle_buffer=0), train=False)
+        all_batches(cfg_for(root, batch_size=2), train=False)
 
 
 def test_reads_fsspec_url(data):

@@ -1,11 +1,13 @@
-"""``dsl.data.pairs`` in detail: the dealing, the worker roles of a resume, the crop windows, the
-shared-memory batches, and every error message, in one process.
+"""``dsl.data.pairs`` in detail: the workers' share of a rank's batches, resume at any sample,
+the shuffle blocks, the crop windows, the byte ranges read, the shared-memory batches, and every
+error message, in one process.
 
 DataLoader workers are other processes, so the worker side is also run here with a faked
 ``get_worker_info`` (:func:`emulate`), and checked against a real 2-worker DataLoader: what
 the workers do is then visible to assertions and to ``make mutate`` (mutmut only traces the
 test process). The stream's samples say where they come from (``fixtures.shards``): S1 band 0/1
-hold each pixel's row/column, so a crop's window is its top-left value.
+hold each pixel's row/column, so a crop's window is its top-left value, and key ``locN`` is
+global sample id ``N``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import io
 import re
 import tarfile
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +27,8 @@ from fixtures.shards import SIZE, all_batches, cfg_for, write_dataset
 import dsl.data.pairs as P
 from dsl.contracts.manifest import read_manifest
 from dsl.contracts.shard_format import encode_npy
+from dsl.data.dealing import crop_fractions
+from dsl.data.ranged import RangeReader
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +41,8 @@ def ds(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def stream(cfg, rank: int = 0, world: int = 1, **kw) -> P.PairStream:
-    return P.PairStream(cfg, read_manifest(cfg.shards), rank, world, **kw)
+def stream(cfg, rank: int = 0, world: int = 1, train: bool = True, **kw) -> P.SampleStream | P.EvalStream:
+    return (P.SampleStream if train else P.EvalStream)(cfg, read_manifest(cfg.shards), rank, world, **kw)
 
 
 def emulate(cfg, monkeypatch, rank: int = 0, world: int = 1, **kw) -> list[dict]:
@@ -65,7 +70,12 @@ def same(a: list[dict], b: list[dict]) -> bool:
                                       for x, y in zip(a, b, strict=True))
 
 
-# ---------------------------------------------------------------- workers, roles, resume
+def order_of(root: str, **kw) -> list[str]:
+    """The epoch's sample order: the keys one rank reads one at a time, in this process."""
+    return [k for b in stream(cfg_for(root, batch_size=1, **kw)) for k in b["key"]]
+
+
+# ---------------------------------------------------------------- workers, resume
 
 
 @pytest.mark.parametrize(("train", "rank"), [(True, 0), (True, 1), (False, 1)])
@@ -74,17 +84,28 @@ def test_a_two_worker_loader_is_its_workers_in_turn(ds, monkeypatch, train, rank
     real = all_batches(cfg, rank, 2, train=train)
     assert len(real) == len(stream(cfg, rank, 2, train=train)) > 2
     assert same(emulate(cfg, monkeypatch, rank, 2, train=train), real)
+    if train:  # the workers split the rank's batches, they do not change them
+        assert same(real, all_batches(cfg_for(ds["three"], batch_size=2), rank, 2))
 
 
 def test_resume_with_two_workers_continues_exactly(ds, monkeypatch):
-    cfg = cfg_for(ds["three"], loader_workers=2, batch_size=2, shuffle_buffer=3)
+    cfg = cfg_for(ds["three"], loader_workers=2, batch_size=2)
     full = emulate(cfg, monkeypatch, 1, 2)
-    n = len(full)
-    assert n == 5  # 21 samples // (2 ranks x 2)
-    for k in range(n + 1):
-        resumed = emulate(cfg, monkeypatch, 1, 2, start_batch=k)
-        assert same(resumed, full[k:]), f"resumed at batch {k}"
-        assert len(stream(cfg, 1, 2, start_batch=k)) == n - k
+    assert len(full) == 5  # 21 samples // (2 ranks x 2)
+    order = order_of(ds["three"])
+    rows = {k: (b["s1"][i], b["s2"][i]) for b in stream(cfg_for(ds["three"], batch_size=7)) for i, k in
+            enumerate(b["key"])}
+    for start in range(22):
+        resumed = emulate(cfg, monkeypatch, 1, 2, start_sample=start)
+        n = (21 - start) // 4
+        assert len(resumed) == len(stream(cfg, 1, 2, start_sample=start)) == n
+        # rank 1's part of each global batch of 4 from the resume point on
+        assert keys(resumed) == [order[start + 4 * g + 2 : start + 4 * g + 4] for g in range(n)], start
+        assert all(torch.equal(b["s1"][i], rows[k][0]) and torch.equal(b["s2"][i], rows[k][1])
+                   for b in resumed for i, k in enumerate(b["key"]))  # the same crops, wherever resumed
+        if start % 4 == 0:
+            assert same(resumed, full[start // 4 :]), f"resumed at sample {start}"
+    assert same(all_batches(cfg, 1, 2, start_sample=5), emulate(cfg, monkeypatch, 1, 2, start_sample=5))
 
 
 def test_a_stream_for_workers_refuses_to_run_in_the_main_process(ds):
@@ -95,16 +116,20 @@ def test_a_stream_for_workers_refuses_to_run_in_the_main_process(ds):
 
 
 def test_the_first_epoch_of_seed_0_is_pinned(ds):
-    """A seed fixes shard order, shuffle and crops: this epoch is what seed 0 has always given."""
+    """A seed fixes shard order, shuffle and crops: this epoch is what seed 0 has always given.
+
+    Shards in the order 2, 0, 1 (21 samples), shuffled within blocks of 8 (``cfg_for``).
+    """
     batches = all_batches(cfg_for(ds["three"]))
+    assert sorted(k for b in keys(batches) for k in b) == [f"loc{i:04d}" for i in range(21)]  # a permutation
     assert keys(batches) == [
-        ["loc0002", "loc0004", "loc0001"], ["loc0000", "loc0007", "loc0005"], ["loc0008", "loc0006", "loc0011"],
-        ["loc0003", "loc0013", "loc0014"], ["loc0009", "loc0016", "loc0017"], ["loc0018", "loc0015", "loc0020"],
-        ["loc0010", "loc0019", "loc0012"]]
+        ["loc0020", "loc0017", "loc0000"], ["loc0019", "loc0001", "loc0002"], ["loc0018", "loc0016", "loc0008"],
+        ["loc0006", "loc0005", "loc0004"], ["loc0003", "loc0009", "loc0007"], ["loc0010", "loc0014", "loc0015"],
+        ["loc0012", "loc0011", "loc0013"]]
     assert [windows(b) for b in batches] == [
-        [(14, 1), (10, 11), (4, 8)], [(11, 16), (5, 4), (0, 6)], [(14, 16), (12, 4), (16, 4)],
-        [(13, 0), (6, 0), (12, 15)], [(15, 12), (9, 9), (13, 16)], [(2, 2), (14, 5), (14, 16)],
-        [(16, 1), (14, 2), (10, 3)]]
+        [(7, 7), (9, 9), (2, 8)], [(4, 5), (4, 11), (14, 13)], [(15, 5), (0, 11), (15, 2)],
+        [(9, 10), (0, 16), (8, 0)], [(3, 1), (3, 9), (5, 1)], [(12, 8), (12, 15), (7, 9)],
+        [(10, 13), (14, 1), (0, 4)]]
 
 
 def test_seeds_are_taken_modulo_2_to_the_63(ds):
@@ -125,13 +150,17 @@ def test_assign_slots():
     assert P.assign_slots([4, 6], 5) == [([0], 3, 0), ([1], 2, 0), ([0], 3, 1), ([1], 2, 1), ([0], 3, 2)]
 
 
-def test_shuffle_buffer():
-    assert list(P._shuffle(iter(range(10)), 3, np.random.default_rng(0))) == [2, 1, 4, 0, 6, 7, 8, 9, 5, 3]
-    assert list(P._shuffle(iter(range(5)), 2, np.random.default_rng(1))) == [0, 1, 3, 2, 4]
-    for size in (0, 1):  # no buffer: the order as read
-        assert list(P._shuffle(iter(range(6)), size, np.random.default_rng(0))) == list(range(6))
-    out = list(P._shuffle(iter(range(50)), 7, np.random.default_rng(2)))
-    assert sorted(out) == list(range(50)) and out != list(range(50))
+def test_shuffle_blocks_shuffle_the_shards_laid_end_to_end(ds):
+    """``data.shuffle_block``: 1 reads whole shards in a seeded order, n shuffles each run of n."""
+    shards = [[f"loc{i:04d}" for i in range(a, b)] for a, b in ((0, 9), (9, 16), (16, 21))]
+    laid = order_of(ds["three"], shuffle_block=1)
+    assert laid == shards[2] + shards[0] + shards[1]  # whole shards, each in its own order
+    for block in (8, 5):
+        order = order_of(ds["three"], shuffle_block=block)
+        assert order != laid
+        for lo in range(0, 21, block):  # each block: a permutation of the same run of the layout
+            assert sorted(order[lo : lo + block]) == sorted(laid[lo : lo + block]), (block, lo)
+    assert sorted(order_of(ds["three"], shuffle_block=64)) == sorted(laid)
 
 
 def test_a_pass_of_one_sample_cycles(ds):
@@ -146,10 +175,18 @@ def test_crop_windows_span_the_whole_image(ds):
     s = stream(cfg_for(ds["three"]))
     raw = list(P.read_shard(s.urls[0]))[:3]
     c = 16
-    batch = s._batch(raw, np.array([[0.0, 0.99999], [0.99999, 0.0], [0.5, 0.25]]))
+    batch = s.batcher(raw, np.array([[0.0, 0.99999], [0.99999, 0.0], [0.5, 0.25]]))
     assert windows(batch) == [(0, SIZE - c), (SIZE - c, 0), (int(0.5 * (SIZE - c + 1)), int(0.25 * (SIZE - c + 1)))]
-    assert windows(s._batch(raw, None)) == [((SIZE - c) // 2, (SIZE - c) // 2)] * 3  # evaluation: centre
+    assert windows(s.batcher(raw, None)) == [((SIZE - c) // 2, (SIZE - c) // 2)] * 3  # evaluation: centre
     assert batch["s1"].dtype == torch.float32 and batch["s1"].shape == (3, 2, c, c) and batch["s2"].shape == (3, 13, c, c)
+
+
+@pytest.mark.parametrize(("seed", "epoch"), [(0, 0), (0, 1), (7, 2)])
+def test_training_windows_are_the_samples_crop_fractions(ds, seed, epoch):
+    """A sample's window is ``crop_fractions(id, seed, epoch)`` scaled to the free span (here 17)."""
+    for b in all_batches(cfg_for(ds["three"], seed=seed), epoch=epoch):
+        f = crop_fractions(np.array([int(k[3:]) for k in b["key"]]), seed, epoch)
+        assert windows(b) == [(int(y * (SIZE - 16 + 1)), int(x * (SIZE - 16 + 1))) for y, x in f]
 
 
 def test_centre_crop_of_a_non_square_patch(tmp_path):
@@ -186,20 +223,51 @@ def test_empty_batches_in_the_main_process_and_in_a_worker(monkeypatch):
     assert t.shape == (5, 2) and t.dtype == torch.float32 and t.is_shared() and made == [96]
 
 
-def test_only_the_wanted_members_are_read(ds, monkeypatch):
+def sample_ranges(shard: str) -> dict[str, tuple[int, int]]:
+    """Each key's byte range in a shard, from its tar headers: first header to last padded data."""
+    out: dict[str, tuple[int, int]] = {}
+    with tarfile.open(shard) as tar:
+        for m in tar:
+            key = m.name.split(".", 1)[0]
+            end = m.offset_data + m.size + (-m.size % tarfile.BLOCKSIZE)
+            out[key] = (out.get(key, (m.offset, 0))[0], end)
+    return out
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_training_reads_only_each_samples_own_bytes(ds, monkeypatch, labels):
+    reads = []
+    read = RangeReader.read
+
+    def spy(self, url, start, end):
+        reads.append((url, start, end))
+        return read(self, url, start, end)
+
+    monkeypatch.setattr(RangeReader, "read", spy)
+    shard = str(Path(ds["labels"]) / "pairs-000000.tar")
+    batches = all_batches(cfg_for(ds["labels"], batch_size=2), start_sample=1, labels=labels)
+    ranges = sample_ranges(shard)
+    got = [k for b in batches for k in b["key"]]
+    assert len(got) == 4  # samples 1..4 of the epoch's 6: one read each, exactly its own members
+    assert sorted(reads) == sorted((shard, *ranges[k]) for k in got)
+
+
+def test_evaluation_reads_only_the_wanted_members(ds, monkeypatch):
+    """Whole-shard reads skip the members a batch does not use (``json``; labels unless asked)."""
     seen = []
     read_shard = P.read_shard
 
     def spy(url, wanted, keys=None):
-        seen.append(wanted)
-        return read_shard(url, wanted, keys)
+        for sample in read_shard(url, wanted, keys):
+            seen.append(frozenset(k for k in sample if not k.startswith("__")))
+            yield sample
 
     monkeypatch.setattr(P, "read_shard", spy)
-    all_batches(cfg_for(ds["labels"], samples_per_epoch=3))
-    assert seen and set(seen) == {("s1.npy", "s2.npy")}
+    all_batches(cfg_for(ds["labels"]), train=False)
+    assert len(seen) == 6 and set(seen) == {frozenset({"s1.npy", "s2.npy"})}
     seen.clear()
-    all_batches(cfg_for(ds["labels"], samples_per_epoch=3), labels=True)
-    assert seen and set(seen) == {("s1.npy", "s2.npy", "cls", "multi.npy")}
+    all_batches(cfg_for(ds["labels"]), labels=True, train=False)
+    assert len(seen) == 6 and set(seen) == {frozenset({"s1.npy", "s2.npy", "cls", "multi.npy"})}
 
 
 # ---------------------------------------------------------------- reading shards
@@ -269,27 +337,34 @@ def test_read_shard_errors_name_the_shard(tmp_path, monkeypatch):
 
 def test_stream_arguments_are_checked(ds):
     cfg = cfg_for(ds["three"])
-    for rank, world in ((2, 2), (-1, 2)):
-        with pytest.raises(ValueError) as e:
-            stream(cfg, rank, world)
-        assert str(e.value) == f"rank {rank} is outside world_size {world}"
-    stream(cfg, 1, 2)
+    for train in (True, False):
+        for rank, world in ((2, 2), (-1, 2)):
+            with pytest.raises(ValueError) as e:
+                stream(cfg, rank, world, train=train)
+            assert str(e.value) == f"rank {rank} is outside world_size {world}"
+        stream(cfg, 1, 2, train=train)
     with pytest.raises(ValueError) as e:
-        stream(cfg_for(ds["one"], loader_workers=1), 1, 2)
-    assert str(e.value) == (f"{ds['one']}: slot 1 (rank 1, worker 0) gets no samples: 1 samples in 1 shards for 2 "
-                            "rank x worker slots; use fewer data.loader_workers")
+        stream(cfg_for(ds["one"], batch_size=1), 1, 2)
+    assert str(e.value) == "data.batch_size 1 x 2 ranks exceeds the 1 samples per epoch: not one full batch"
+    lone = stream(cfg_for(ds["one"], batch_size=1), 1, 2, train=False)  # evaluation: a rank may get nothing
+    assert len(lone) == 0 and list(lone) == []
     with pytest.raises(ValueError) as e:
         stream(cfg_for(ds["three"], batch_size=11), 0, 2)
     assert str(e.value) == "data.batch_size 11 x 2 ranks exceeds the 21 samples per epoch: not one full batch"
     assert len(stream(cfg_for(ds["three"], batch_size=10), 0, 2)) == 1  # exactly one full batch
-    assert len(stream(cfg, start_batch=7)) == 0  # the epoch's end: nothing left
-    for start in (8, -1):
+    for start, n in ((21, 0), (19, 0), (18, 1), (17, 1), (0, 7)):  # full batches left after a sample
+        s = stream(cfg, start_sample=start)
+        assert len(s) == len(list(s)) == n, start
+    longer = cfg_for(ds["three"], samples_per_epoch=30)
+    assert len(stream(longer, start_sample=25)) == 1
+    for c, start, total in ((cfg, 22, 21), (cfg, -1, 21), (longer, 31, 30)):
         with pytest.raises(ValueError) as e:
-            stream(cfg, start_batch=start)
-        assert str(e.value) == f"start_batch {start} outside the epoch's 7 batches"
-    with pytest.raises(ValueError) as e:
-        stream(cfg, start_batch=1, train=False)
-    assert str(e.value) == "start_batch is for training streams; evaluation reads the split whole"
+            stream(c, start_sample=start)
+        assert str(e.value) == f"start_sample {start} outside the epoch's {total} samples"
+    for kw in ({"start_sample": 1}, {"epoch": 1}):
+        with pytest.raises(ValueError) as e:
+            P.make_loader(cfg, 0, 1, train=False, **kw)
+        assert str(e.value) == "epoch and start_sample are for training streams; evaluation reads the split whole"
 
 
 def test_key_selections_are_checked(ds):
@@ -301,11 +376,13 @@ def test_key_selections_are_checked(ds):
     with pytest.raises(ValueError) as e:
         stream(cfg, keys={"pairs-000000.tar": []})
     assert str(e.value) == "the key selection keeps no sample of split None"
-    s = stream(cfg_for(ds["three"], batch_size=1), keys={"pairs-000001.tar": ["nowhere"]})
-    with pytest.raises(ValueError) as e:
-        next(iter(s))
-    assert str(e.value) == (f"shards ['{Path(ds['three']) / 'pairs-000001.tar'}'] yielded no samples "
-                            "(manifest says otherwise)")
+    with pytest.raises(ValueError) as e:  # found when the stream is made, before any batch is read
+        stream(cfg_for(ds["three"], batch_size=1), keys={"pairs-000001.tar": ["z3", "loc0010", "z1", "z2", "z0"]})
+    assert str(e.value) == f"{Path(ds['three']) / 'pairs-000001.tar'}: selected keys ['z0', 'z1', 'z2'] are not in the shard"
+    # an epoch longer than the selection repeats the selected samples only, each as often
+    chosen = {"pairs-000002.tar": ["loc0020", "loc0016"], "pairs-000000.tar": ["loc0003"]}
+    s = stream(cfg_for(ds["three"], batch_size=1, samples_per_epoch=9), keys=chosen)
+    assert len(s) == 9 and Counter(k for b in s for k in b["key"]) == {"loc0003": 3, "loc0016": 3, "loc0020": 3}
     assert P.batches_per_epoch(cfg, 1, keys={"a": ["k1", "k2", "k1"], "b": ["k3"]}) == 1
     assert P.batches_per_epoch(cfg_for(ds["three"], samples_per_epoch=12), 2, keys={"a": ["k1"]}) == 2
     assert P.batches_per_epoch(cfg, 2) == 3
@@ -348,20 +425,20 @@ def test_missing_and_corrupt_members(tmp_path):
     def drop_s2(idx, m):
         return [x for x in m if not (idx == 1 and x[0].endswith(".s2.npy"))]
 
-    root = write_dataset(tmp_path / "a", [3], members=drop_s2)
-    with pytest.raises(ValueError) as e:
-        all_batches(cfg_for(root), train=False)
-    assert str(e.value) == f"{root}/pairs-000000.tar: sample 'loc0001' has no member s2.npy"
-    root = write_dataset(tmp_path / "b", [3], members=bad_member(".s1.npy", b""))  # np.load: EOFError
-    with pytest.raises(ValueError) as e:
-        all_batches(cfg_for(root), train=False)
-    assert re.fullmatch(re.escape(f"{root}/pairs-000000.tar: sample 'loc0001': s1.npy: corrupt .npy (") + r".+\)",
-                        str(e.value)), str(e.value)
-    assert isinstance(e.value.__cause__, EOFError)
-    root = write_dataset(tmp_path / "c", [3], members=bad_member(".s1.npy", encode_npy(np.zeros(3))[:-9]))
-    with pytest.raises(ValueError) as e:  # the reader's own message stands
-        all_batches(cfg_for(root), train=False)
-    assert str(e.value).startswith(f"{root}/pairs-000000.tar: sample 'loc0001': s1.npy: not a plain numeric .npy (")
+    a = write_dataset(tmp_path / "a", [3], members=drop_s2)
+    b = write_dataset(tmp_path / "b", [3], members=bad_member(".s1.npy", b""))
+    c = write_dataset(tmp_path / "c", [3], members=bad_member(".s1.npy", encode_npy(np.zeros(3))[:-9]))
+    for train in (False, True):  # whole-shard reads and range reads name the same shard and sample
+        with pytest.raises(ValueError) as e:
+            all_batches(cfg_for(a), train=train)
+        assert str(e.value) == f"{a}/pairs-000000.tar: sample 'loc0001' has no member s2.npy"
+        with pytest.raises(ValueError) as e:
+            all_batches(cfg_for(b), train=train)
+        assert re.fullmatch(re.escape(f"{b}/pairs-000000.tar: sample 'loc0001': s1.npy: corrupt .npy (") + r".+\)",
+                            str(e.value)), str(e.value)
+        with pytest.raises(ValueError) as e:  # the reader's own message stands
+            all_batches(cfg_for(c), train=train)
+        assert str(e.value).startswith(f"{c}/pairs-000000.tar: sample 'loc0001': s1.npy: not a plain numeric .npy (")
 
 
 def test_label_members_are_checked(tmp_path):

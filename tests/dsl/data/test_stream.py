@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from fixtures.shards import cfg_for, write_dataset
+from fixtures.shards import cfg_for, keys_of, write_dataset
 
-from dsl.data import batches_per_epoch, resume_stream
+from dsl.data import batches_per_epoch, make_loader, resume_stream
 
 
 @pytest.fixture(scope="module")
@@ -27,24 +27,49 @@ def _run(cfg, rank: int, world: int, position: dict, n: int) -> list[tuple[tuple
 def test_resume_from_any_batch_continues_the_same_stream(shards, world):
     cfg = cfg_for(shards, batch_size=2)
     per_epoch = batches_per_epoch(cfg, world)
+    step = world * cfg.batch_size  # samples one global batch consumes
     n = 2 * per_epoch + 3  # into the third epoch
     for rank in range(world):
-        full = _run(cfg, rank, world, {"epoch": 0, "batch": 0}, n)
-        assert [p for _, p in full][per_epoch - 1] == {"epoch": 0, "batch": per_epoch}  # an epoch's last
-        assert [p for _, p in full][per_epoch] == {"epoch": 1, "batch": 1}
+        full = _run(cfg, rank, world, {"epoch": 0, "sample": 0}, n)
+        positions = [p for _, p in full]
+        assert positions[0] == {"epoch": 0, "sample": step}
+        assert positions[per_epoch - 2] == {"epoch": 0, "sample": (per_epoch - 1) * step}
+        assert positions[per_epoch - 1] == {"epoch": 1, "sample": 0}  # an epoch's last: rolled over
+        assert positions[per_epoch] == {"epoch": 1, "sample": step}
         for k in (1, per_epoch - 1, per_epoch, per_epoch + 2):  # mid-epoch, at and after its end
             resumed = _run(cfg, rank, world, dict(full[k - 1][1]), n - k)
             assert resumed == full[k:], f"rank {rank}, resumed after batch {k}"
+        # a position left at an epoch's end (not rolled over) resumes with the next epoch
+        at_end = _run(cfg, rank, world, {"epoch": 0, "sample": per_epoch * step}, n - per_epoch)
+        assert at_end == full[per_epoch:]
 
 
 def test_every_rank_gets_the_same_batches_per_epoch(shards):
     cfg = cfg_for(shards, batch_size=2)
     per_epoch = batches_per_epoch(cfg, 2)
-    for rank in (0, 1):
-        positions = [p for _, p in _run(cfg, rank, 2, {"epoch": 0, "batch": 0}, 2 * per_epoch)]
-        assert positions[-1] == {"epoch": 1, "batch": per_epoch}
+    runs = [_run(cfg, rank, 2, {"epoch": 0, "sample": 0}, 2 * per_epoch) for rank in (0, 1)]
+    for run in runs:  # both ranks roll over after the same batch
+        positions = [p for _, p in run]
+        assert positions[per_epoch - 1] == {"epoch": 1, "sample": 0} and positions[-1] == {"epoch": 2, "sample": 0}
+        assert all(p["epoch"] == 0 for p in positions[: per_epoch - 1])
+    for e in (0, 1):  # and never share a sample within an epoch
+        epoch = [{k for keys, _ in run[e * per_epoch : (e + 1) * per_epoch] for k in keys} for run in runs]
+        assert not epoch[0] & epoch[1] and len(epoch[0]) == len(epoch[1]) == per_epoch * 2
+
+
+def test_a_position_saved_on_two_ranks_resumes_on_one(shards):
+    """The position counts samples, not batches: another world size continues the same order."""
+    cfg = cfg_for(shards, batch_size=2)
+    position = {"epoch": 0, "sample": 0}
+    for _ in itertools.islice(resume_stream(cfg, 1, 2, position), 3):
+        pass
+    assert position == {"epoch": 0, "sample": 12}
+    order = keys_of(list(make_loader(cfg_for(shards, batch_size=1), 0, 1)))
+    resumed = _run(cfg, 0, 1, position, 2)
+    assert [list(k) for k, _ in resumed] == [order[12:14], order[14:16]]
+    assert resumed[-1][1] == {"epoch": 0, "sample": 16}
 
 
 def test_too_few_samples_is_an_error(shards):
     with pytest.raises(ValueError, match="too few samples for 2 ranks x batch 100"):
-        next(resume_stream(cfg_for(shards, batch_size=100), 0, 2, {"epoch": 0, "batch": 0}))
+        next(resume_stream(cfg_for(shards, batch_size=100), 0, 2, {"epoch": 0, "sample": 0}))

@@ -58,12 +58,12 @@ def test_a_checkpoint_under_read_ahead_resumes_at_the_next_batch(shards, depth):
     cfg = cfg_for(shards, batch_size=2)
     per_epoch = batches_per_epoch(cfg, 1)
     n = per_epoch + 4  # across an epoch boundary
-    plain_position = {"epoch": 0, "batch": 0}
+    plain_position = {"epoch": 0, "sample": 0}
     plain = []  # (keys, position after) without prefetch: what the loop recorded before
     for batch in itertools.islice(resume_stream(cfg, 0, 1, plain_position), n):
         plain.append((batch["key"], dict(plain_position)))
 
-    live = {"epoch": 0, "batch": 0}
+    live = {"epoch": 0, "sample": 0}
     prefetched = DevicePrefetcher(with_positions(resume_stream(cfg, 0, 1, live), live), CPU, depth)
     for k, (batch, consumed) in enumerate(itertools.islice(prefetched, n)):
         assert (batch["key"], consumed) == plain[k]

@@ -13,7 +13,13 @@ import pytest
 import torch
 
 from dsl.runtime import checkpoint, full_state
-from dsl.runtime.checkpoint import DS_TAG, FULL_STATE, engine_counters, resume_engine, stream_position
+from dsl.runtime.checkpoint import (
+    DS_TAG,
+    FULL_STATE,
+    engine_counters,
+    resume_engine,
+    stream_position,
+)
 
 
 class Engine:
