@@ -51,7 +51,7 @@ class EpochOrder:
             raise ValueError("an epoch order needs at least one sample")
         self.seed, self.epoch, self.block, self.members = seed, epoch, max(1, int(block)), members
         self._passes: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
 
     def _pass(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Pass ``k``'s shard order and where each of its shards starts in the pass."""
@@ -81,27 +81,34 @@ class EpochOrder:
         run = np.searchsorted(starts, p, side="right") - 1  # a batch: O(log shards) each
         return self.first[order[run]] + (p - starts[run])
 
-    def _block(self, b: int) -> np.ndarray:
-        """Block ``b``'s laid-out positions in epoch order.
+    def _block(self, k: int, j: int) -> np.ndarray:
+        """Block ``j`` of pass ``k``: its laid-out positions in epoch order.
 
-        Cached: a worker reads a block's batches in turn. Only the positions are kept; ids are
-        looked up for what is read.
+        Blocks never cross a pass boundary: no sample repeats within a block, and one repeats
+        within a global batch only when that batch straddles two passes. Cached: a worker reads
+        a block's batches in turn; only positions are kept, ids are looked up for what is read.
         """
-        if b not in self._blocks:
-            lo, hi = b * self.block, min((b + 1) * self.block, self.length)
-            self._blocks[b] = lo + np.random.default_rng([self.seed, self.epoch, 1, b]).permutation(hi - lo)
+        if (k, j) not in self._blocks:
+            lo = k * self.total + j * self.block
+            hi = min(lo + self.block, (k + 1) * self.total, self.length)
+            key = [self.seed, self.epoch, 1, j] + ([k] if k else [])  # pass 0: as for one-pass epochs
+            self._blocks[(k, j)] = lo + np.random.default_rng(key).permutation(hi - lo)
             while len(self._blocks) > 2:  # a batch spans at most two blocks
                 self._blocks.popitem(last=False)
-        return self._blocks[b]
+        return self._blocks[(k, j)]
 
     def ids(self, lo: int, hi: int) -> np.ndarray:
         """Ids at order positions ``[lo, hi)``."""
         if not 0 <= lo <= hi <= self.length:
             raise ValueError(f"positions [{lo}, {hi}) outside the epoch's {self.length} samples")
-        parts = []
-        for b in range(lo // self.block, -(-hi // self.block)):
-            start = b * self.block
-            parts.append(self._block(b)[max(lo, start) - start : min(hi, start + self.block) - start])
+        parts, p = [], lo
+        while p < hi:
+            k = p // self.total
+            j = (p - k * self.total) // self.block
+            start = k * self.total + j * self.block
+            end = min(start + self.block, (k + 1) * self.total, self.length)
+            parts.append(self._block(k, j)[p - start : min(hi, end) - start])
+            p = min(hi, end)
         ids = self._laid_out(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
         return ids if self.members is None else self.members[ids]
 

@@ -458,6 +458,9 @@ class EvalStream(IterableDataset):
         self.rank, self.workers, self.batch_size = rank, max(1, cfg.loader_workers), cfg.batch_size
         self.batcher = Batcher(cfg, manifest, labels, raw)
         self.wanted = (*S1_MEMBERS, *S2_MEMBERS, *(LABEL_MEMBERS if labels else ()))
+        for url, k in zip(self.urls, self.keep, strict=True):  # else len() would count them
+            if k is not None and (missing := sorted(set(k) - set(scan_shard(url)[1]))):
+                raise ValueError(f"{url}: selected keys {missing[:3]} are not in the shard")
         self.slots = assign_slots(self.counts, world_size * self.workers)
 
     def _pass_samples(self, slot: Slot) -> int:

@@ -336,6 +336,8 @@ def test_resume_skips_without_reading_or_decoding(data, monkeypatch):
     batches = all_batches(cfg, start_sample=14)
     assert len(batches) == 4 and len(calls) == 4 * 2 * 2  # only the 4 remaining batches, s1 + s2
     assert len(reads) == len(set(reads)) == 8  # one range read per remaining sample, none skipped
+    reads.clear()
+    assert keys_of(batches) == keys_of(all_batches(cfg))[14:22] and len(reads) == 22  # (the full epoch)
 
 
 # ---------------------------------------------------------------- labels and bad data

@@ -70,6 +70,16 @@ def test_an_epoch_longer_than_the_data_lays_the_shards_out_again():
         order.ids(20, 26)
 
 
+def test_extra_passes_repeat_a_sample_in_a_batch_only_across_a_pass_boundary():
+    """An epoch of 5 passes (fine-tuning on a label fraction) with a block larger than a pass."""
+    order = EpochOrder([100] * 10, seed=0, epoch=0, block=4096, length=5000)
+    ids = order.ids(0, 5000)
+    for k in range(5):  # each pass is a permutation of the data
+        assert sorted(ids[k * 1000 : (k + 1) * 1000].tolist()) == list(range(1000))
+    with_repeats = [g for g in range(5000 // 128) if len(set(ids[g * 128 : (g + 1) * 128].tolist())) < 128]
+    assert all(g * 128 // 1000 != ((g + 1) * 128 - 1) // 1000 for g in with_repeats)  # only straddling batches
+
+
 def test_global_batches_are_cut_in_rank_order():
     assert batches_left(100, 0, 4, 8) == 3 and batches_left(100, 32, 4, 8) == 2 and batches_left(100, 96, 4, 8) == 0
     assert batches_left(10, 20, 1, 1) == 0

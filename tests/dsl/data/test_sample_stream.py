@@ -204,5 +204,6 @@ def test_selected_keys_only_once_per_epoch(ds):
     keys = {m.shards[0].name: ["loc0001", "loc0005", "loc0010"], m.shards[2].name: ["loc0031", "loc0040", "loc0060"]}
     got = [k for b in make_loader(cfg, 0, 1, keys=keys) for k in b["key"]]
     assert sorted(got) == sorted(keys[m.shards[0].name] + keys[m.shards[2].name])
-    with pytest.raises(ValueError, match=r"selected keys \['nope'\] are not in the shard"):
-        make_loader(cfg, 0, 1, keys={m.shards[0].name: ["nope"]})
+    for train in (True, False):  # evaluation too: else its len() counts them
+        with pytest.raises(ValueError, match=r"selected keys \['nope'\] are not in the shard"):
+            make_loader(cfg, 0, 1, train=train, keys={m.shards[0].name: ["loc0001", "nope"]})
