@@ -166,7 +166,8 @@ def test_three_shards_two_ranks_equal_batches(data):
 
 
 def test_one_shard_two_ranks_two_workers(data):
-    cfg = cfg_for(data["one"], loader_workers=2)  # 4 slots on 1 shard of 24: every 4th sample each
+    # 1 shard of 24, 2 ranks x 2 workers: each rank takes its half of every global batch
+    cfg = cfg_for(data["one"], loader_workers=2)
     ranks = [all_batches(cfg, r, 2) for r in (0, 1)]
     assert [len(b) for b in ranks] == [4, 4] == [batches_per_epoch(cfg, 2)] * 2
     k0, k1 = keys_of(ranks[0]), keys_of(ranks[1])

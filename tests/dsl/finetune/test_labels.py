@@ -68,7 +68,7 @@ def test_loader_reads_only_selected_keys(shards):
         seen.update(keys_of(batches))
         for b in batches:  # each selected sample keeps its own label
             assert all(CLASSES[int(k[3:])] == c for k, c in zip(b["key"], b["cls"].tolist(), strict=True))
-    assert set(seen) <= wanted  # (a rank whose share is short of its quota cycles it: repeats allowed)
+    assert set(seen) <= wanted  # (an epoch longer than the selection lays it out again: repeats allowed)
     evaluated = [k for rank in (0, 1) for k in keys_of(make_loader(cfg, rank, 2, train=False, keys=sel))]
     assert sorted(evaluated) == sorted(wanted)  # eval mode: every selected sample once
     one_shard = {"pairs-train-000001.tar": ["loc0031", "loc0040"]}
