@@ -184,6 +184,8 @@ class RangeReader:
                 if pos < end:
                     f.seek(pos)
                     chunk = f.read(end - pos)
+                    if not got and len(chunk) == end - pos:
+                        return chunk  # the usual case: one whole read, returned without a copy
                     got += chunk
                     if len(chunk) < end - pos:
                         raise _ShortRead(f"short read: {len(chunk)} of {end - pos} bytes at offset {pos}")

@@ -297,9 +297,13 @@ def test_the_proxy_injects_each_fault_and_leaves_nothing_running():
         proxy.faults = {}
         proxy.fail_paths = {"/bad"}
         assert get("/bad")[0] == 503 and get("/x")[0] == 200
-        assert proxy.requests == {"/x": 6, "/bad": 1} and proxy.faulted == {"/x": 4, "/bad": 1}
-        assert proxy.kinds == {"503": 2, "reset": 1, "truncate": 1, "short": 1}
-        assert proxy.bytes_served["/x"] == 1000 + 500 + 500 + 1000 + len(body)
+        # the proxy's thread counts after the client has its answer: wait for the counts, bounded
+        expected = ({"/x": 6, "/bad": 1}, {"/x": 4, "/bad": 1}, {"503": 2, "reset": 1, "truncate": 1, "short": 1},
+                    1000 + 500 + 500 + 1000 + len(body))
+        deadline = time.monotonic() + 10
+        while (counts := (proxy.requests, proxy.faulted, proxy.kinds, proxy.bytes_served.get("/x"))) != expected:
+            assert time.monotonic() < deadline, counts
+            time.sleep(0.01)
         with pytest.raises(ValueError, match="kinds must be in"):
             proxy.faults = {"slow": 0.5}
         with pytest.raises(ValueError, match="summing to <= 1"):

@@ -207,3 +207,28 @@ def test_selected_keys_only_once_per_epoch(ds):
     for train in (True, False):  # evaluation too: else its len() counts them
         with pytest.raises(ValueError, match=r"selected keys \['nope'\] are not in the shard"):
             make_loader(cfg, 0, 1, train=train, keys={m.shards[0].name: ["loc0001", "nope"]})
+
+
+def test_member_headers_are_parsed_as_tar_parses_them():
+    import tarfile
+
+    from dsl.data.pairs import _ustar_member
+
+    for name in ("k.s1.npy", "a/b/" + "d" * 90 + "/k_r0_c1.s2.blosc", "é.json"):  # the second uses ustar's prefix
+        info = tarfile.TarInfo(name)
+        info.size = 123_456
+        assert _ustar_member(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"), "u", 0) == (name, 123_456)
+    header = bytearray(tarfile.TarInfo("k.s1.npy").tobuf(tarfile.USTAR_FORMAT))
+    header[300] = 200  # a byte > 127 in an unused field: writers that sum signed bytes differ
+    for chksum in (sum(header[:148]) + sum(header[156:]) + 256, sum(header[:148]) + sum(header[156:]) + 256 - 256):
+        header[148:156] = b"%06o\0 " % chksum
+        assert _ustar_member(bytes(header), "u", 0)[0] == "k.s1.npy"
+    header[0] ^= 1
+    with pytest.raises(ValueError, match=r"u: byte 7: not a tar header \(bad checksum\)"):
+        _ustar_member(bytes(header), "u", 7)
+    link = tarfile.TarInfo("k.s1.npy")
+    link.type = tarfile.SYMTYPE
+    with pytest.raises(ValueError, match=r"u: byte 0: member type b'2' is not a plain file"):
+        _ustar_member(link.tobuf(tarfile.USTAR_FORMAT), "u", 0)
+    with pytest.raises(ValueError, match="bad number field"):
+        _ustar_member(b"k.s1.npy".ljust(124, b"\0") + b"9999" + b"\0" * 384, "u", 0)
