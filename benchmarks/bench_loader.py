@@ -39,13 +39,13 @@ from dsl.data import Normaliser, make_loader
 TARGET = 500  # pairs/s per core
 
 
-def make_shards(root: Path, locations: int) -> str:
+def make_shards(root: Path, locations: int, tile_size: int = 256) -> str:
     dsl = [sys.executable, "-m", "dsl.cli"]
     raw, out = root / "raw", root / "shards"
     subprocess.run([*dsl, "synth", "--out", str(raw), "--layout", "sen12ms", "--locations", str(locations),
                     "--size", "256"], check=True, stdout=subprocess.DEVNULL)
     subprocess.run([*dsl, "ingest", "--source", "sen12ms", "--input", str(raw), "--output", str(out),
-                    "--shard-size-mb", "64", "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+                    "--shard-size-mb", "64", "--tile-size", str(tile_size), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
     return str(out)
 
 
@@ -121,6 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shards", help="existing local 256 px shards (default: synthesise + ingest)")
     p.add_argument("--locations", type=int, default=200)
+    p.add_argument("--tile-size", type=int, default=256, help="ingest tiles (128: SEN12MS as shipped)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--epochs", type=int, default=2)
@@ -130,7 +131,7 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dsl-bench-") as tmp:
-        shards = args.shards or make_shards(Path(tmp), args.locations)
+        shards = args.shards or make_shards(Path(tmp), args.locations, args.tile_size)
         cfg = DataConfig(shards=shards, batch_size=args.batch_size, crop_size=args.crop,
                          loader_workers=0, normalisation="manifest",
                          samples_per_epoch=args.samples_per_epoch)
@@ -144,7 +145,7 @@ def main() -> None:
         per_core = loader["pairs_per_cpu_s"]
         out = {
             "benchmark": "loader",
-            "shards": shards if args.shards else f"synthetic sen12ms, {args.locations} x 256 px",
+            "shards": shards if args.shards else f"synthetic sen12ms, {args.locations} x 256 px, {args.tile_size} px tiles",
             "crop": args.crop, "batch_size": args.batch_size, "normalisation": cfg.normalisation,
             "shuffle_block": cfg.shuffle_block, "cpu_cores": os.cpu_count(),
             "bytes_read_per_pair": round(bytes_per_pair(cfg)),
