@@ -387,7 +387,7 @@ class SampleStream(IterableDataset):
         if skipped:
             ids, samples = self._replace(reader, order, ids, samples)
         batch = self.batcher(samples, crop_fractions(ids, self.seed, epoch))
-        batch["skipped"] = skipped
+        batch["skipped"], batch["epoch"] = skipped, epoch
         return batch
 
     def _replace(self, reader: RangeReader, order: EpochOrder, ids: np.ndarray, samples: list):
@@ -569,7 +569,7 @@ def make_loader(
         start_sample: Samples of that epoch consumed by all ranks together (resume): never read.
         labels: Also return ``cls`` (int64 [B]) and ``multi`` (float32 [B, 8]).
         train: Sample-level dealing, random crops and exactly :func:`batches_per_epoch` full
-            batches per epoch (training batches also carry ``skipped``); False reads each
+            batches per epoch (training batches also carry ``skipped`` and their ``epoch``); False reads each
             sample of the split once, centre-cropped, in order, last batch partial.
         keys: Only these samples (shard name -> keys), e.g. a label fraction; None: all.
         manifest: The dataset's manifest, read from ``cfg.shards`` when None. Passing one

@@ -253,7 +253,7 @@ def train_loop(config: dict) -> None:
             logger.log({"launch_to_first_step_s": time.time() - config.get("launch_time", time.time()),
                         "torch_threads": torch.get_num_threads()}, step)
             first_step = False
-        skipped += batch.get("skipped", 0)
+        skipped, epoch = skipped + batch.get("skipped", 0), batch.get("epoch", consumed["epoch"])
         train_step(batch)
         t_end = time.perf_counter()
         # host time: on GPU the kernels run on after it, so pairs_per_s is the rate to read there
@@ -274,7 +274,7 @@ def train_loop(config: dict) -> None:
             # samples of unreadable shards replaced in their batches, all ranks, since this start
             metrics["data_skipped_samples"] = float(all_reduce(torch.tensor([float(skipped)])).item())
             metrics["pairs_per_s"] = world * cfg.data.batch_size * n / (time.perf_counter() - t_start)
-            metrics["step"], metrics["epoch"] = step, consumed["epoch"]
+            metrics["step"], metrics["epoch"] = step, epoch  # the batch's (its position may have rolled over)
             if objective.temperature() is not None:
                 metrics["temperature"] = objective.temperature()
             window.reset()

@@ -347,7 +347,7 @@ def test_training_loop_accumulates_two_micro_batches_per_step(shards, tmp_path, 
     # 4 optimizer steps consumed 2 micro-batches each, on every rank
     ckpts = sorted(p for p in (tmp_path / "runs" / "grad-cache").glob("checkpoint_*") if p.is_dir())
     position = load_state(ckpts[-1])["position"]
-    assert (position["epoch"], position["batch"]) == (0, 8)
+    assert position == {"epoch": 0, "sample": 8 * 2 * 16}
 
     # step 1's logged loss is the loss of ONE batch of 2 ranks x 2 micro-batches x 16 pairs, at
     # the initial weights (the loop seeds them with data.seed), each micro-batch its own
@@ -359,7 +359,7 @@ def test_training_loop_accumulates_two_micro_batches_per_step(shards, tmp_path, 
     outs = []
     with torch.no_grad():
         for rank in range(2):
-            stream = resume_stream(cfg.data, rank, 2, {"epoch": 0, "batch": 0}, manifest)
+            stream = resume_stream(cfg.data, rank, 2, {"epoch": 0, "sample": 0}, manifest)
             for _ in range(2):
                 batch = next(stream)
                 outs.append(objective.encode(*objective.views(batch["s1"].float(), batch["s2"].float())))

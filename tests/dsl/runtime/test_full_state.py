@@ -80,7 +80,7 @@ def _write(stage, precision, folder, norm=False):
     working = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     if torch.distributed.get_rank() == 0:
         torch.save({"weights": weights, "moments": moments}, f"{folder}/{FULL_STATE}")
-        save_state(Path(folder), {"position": {"epoch": 0, "batch": STEPS, "samples": STEPS * 2 * MICRO},
+        save_state(Path(folder), {"position": {"epoch": 0, "sample": STEPS * 2 * MICRO},
                                   **engine_counters(engine, world)})
     torch.distributed.barrier()
     _train(engine, dtype, range(STEPS, STEPS + 1))
@@ -134,7 +134,7 @@ def test_two_ranks_to_one_and_back_continue_exactly(stage, precision, gloo_pool,
     for key in moments:
         assert torch.equal(moments1[key], moments[key]), key
     assert lr1 == pytest.approx(lr_at_step_3()) and steps == STEPS + 1
-    assert position == {"epoch": 0, "batch": STEPS}  # 24 samples: 3 batches of 8 on one rank too
+    assert position == {"epoch": 0, "sample": STEPS * 2 * MICRO}  # samples: the same on one rank
     tol = {"fp32": 1e-5, "bf16": 2e-2}[precision]
     for name in names:
         torch.testing.assert_close(after1[name], after2[name], atol=tol, rtol=tol, msg=name)
@@ -145,7 +145,7 @@ def test_two_ranks_to_one_and_back_continue_exactly(stage, precision, gloo_pool,
     again2, _, after2b, _, position2, _ = gloo_pool.run(_read, stage, precision, str(one))[0]
     for name in weights1:
         assert torch.equal(again2[name], weights1[name]), name
-    assert position2 == {"epoch": 0, "batch": STEPS}
+    assert position2 == {"epoch": 0, "sample": STEPS * 2 * MICRO}
     for name in names:
         torch.testing.assert_close(after2b[name], after1b[name], atol=tol, rtol=tol, msg=name)
 

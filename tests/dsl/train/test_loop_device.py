@@ -35,10 +35,12 @@ def test_normalising_in_the_loop_trains_as_normalising_in_the_loader(shards, tmp
                           f"data.normalise_on_device={str(on_device).lower()}")
         out = pretrain(cfg)
         assert out["step"] == 3
-        assert load_state(Path(out["checkpoint"]))["position"] == {"epoch": 0, "batch": 3, "samples": 96}
+        # 3 batches of 2 ranks x 16: the epoch's 96 samples, so the position is the next epoch's start
+        assert load_state(Path(out["checkpoint"]))["position"] == {"epoch": 1, "sample": 0}
         client = MlflowClient(cfg.mlflow.tracking_uri)
         runs[on_device] = {key: [m.value for m in client.get_metric_history(out["run_id"], key)]
-                           for key in ("loss", "retrieval_s1_to_s2")}
+                           for key in ("loss", "retrieval_s1_to_s2", "epoch", "data_skipped_samples")}
+        assert runs[on_device]["epoch"] == [0, 0, 0] and runs[on_device]["data_skipped_samples"] == [0, 0, 0]
     assert len(runs[True]["loss"]) == 3
     # step 1 (same weights): the same loss; the rounding then moves later steps a little
     assert runs[True]["loss"][0] == pytest.approx(runs[False]["loss"][0], rel=1e-4)

@@ -103,8 +103,8 @@ def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session
     first = pretrain(tiny(tmp_path, shards, *args, "scale.stop_at_step=7"))
     assert first["step"] == 7 and first["model_version"] is None
     ckpt = Path(first["checkpoint"])
-    # 7 batches of 2 ranks x 16 pairs: also counted in global samples, for another world size
-    assert load_state(ckpt)["position"] == {"epoch": 0, "batch": 7, "samples": 7 * 2 * 16}
+    # 7 batches of 2 ranks x 16 pairs: counted in samples of the epoch (any world size resumes it)
+    assert load_state(ckpt)["position"] == {"epoch": 0, "sample": 7 * 2 * 16}
 
     cfg = tiny(tmp_path, shards, *args)
     second = pretrain(cfg)
@@ -113,7 +113,7 @@ def test_resume_continues_step_and_stream_position(shards, tmp_path, ray_session
     assert steps == list(range(1, 16))  # 1..7 from the first job, 8..15 from the resumed one
     epochs = dict(history(cfg, second["run_id"], "epoch"))
     assert epochs[11] == 0 and epochs[12] == 1  # the epoch boundary fell where a clean run puts it
-    assert load_state(Path(second["checkpoint"]))["position"] == {"epoch": 1, "batch": 4, "samples": 4 * 2 * 16}
+    assert load_state(Path(second["checkpoint"]))["position"] == {"epoch": 1, "sample": 4 * 2 * 16}
     assert second["model_version"] is not None
 
 
@@ -135,9 +135,10 @@ def test_resume_on_another_number_of_workers(shards, tmp_path, ray_session):
     factor = warmup_cosine(cfg.optim)
     for step, lr in history(cfg, out["run_id"], "lr"):
         assert lr == pytest.approx(cfg.optim.lr * factor(step)), step
-    # the stream position in global samples: 4 steps x 2 ranks x 8 = 64 samples = 8 one-rank batches
+    # the stream position in samples of the epoch: 4 steps x 2 ranks x 8, then 4 x 1 x 8, then 4 x 2 x 8
     states = {load_state(p)["step"]: load_state(p) for p in (tmp_path / "runs" / "elastic").glob("checkpoint_*/")}
-    assert states[12]["world"] == 2 and states[12]["position"]["samples"] == 64 + 32 + 64
+    assert states[12]["world"] == 2 and states[12]["position"] == {"epoch": 0, "sample": 64 + 32 + 64}
+    assert states[8]["position"] == {"epoch": 0, "sample": 96}  # (Ray keeps the last two checkpoints)
 
 
 def _train_workers() -> list[psutil.Process]:
