@@ -39,3 +39,26 @@ def test_everything_made_inside_is_on_the_inputs_device():
     with torch.device("meta"):
         got = ClipLoss()(z1, z2)
     assert got.device == z1.device and torch.equal(got, want)
+
+
+def test_local_loss_scores_only_this_ranks_pairs(monkeypatch):
+    # rank 1 of 3, faked as in test_gather_modes.py. The modes agree after the engine's mean
+    # over ranks (test_losses.py); each rank's own value differs, so a dropped local_loss
+    # (every rank silently computing the full [B, B] matrices) shows only here
+    import dsl.losses.gather as G
+
+    def gather(x, gather_with_grad):  # two other ranks' rows around ours
+        return torch.cat([x.detach().flip(0), x, x.detach().roll(1, dims=1)])
+
+    monkeypatch.setattr(G, "world", lambda: (1, 3))
+    monkeypatch.setattr(G, "gather_features", gather)
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(2, 2, 4, generator=g, dtype=torch.float64)
+    q1, q2 = torch.nn.functional.normalize(z1, dim=-1), torch.nn.functional.normalize(z2, dim=-1)
+    k1, k2 = gather(q1, True), gather(q2, True)
+    own = clip_loss(q1, q2, k1, k2, 2, 1 / 0.5)
+    full = clip_loss(k1, k2, k1, k2, 0, 1 / 0.5)
+    assert own.item() != pytest.approx(full.item())
+    assert ClipLoss(temperature=0.5)(z1, z2).item() == pytest.approx(own.item(), rel=1e-12)
+    full_mode = ClipLoss(local_loss=False, temperature=0.5)(z1, z2)
+    assert full_mode.item() == pytest.approx(full.item(), rel=1e-12)

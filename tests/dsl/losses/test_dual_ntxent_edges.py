@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dsl.losses.dual_ntxent import (
+    MAX_LOGIT_SCALE,
     DualNTXentLoss,
     check_pair,
     check_temperature,
@@ -66,3 +67,15 @@ def test_everything_made_inside_is_on_the_inputs_device():
     with torch.device("meta"):
         got = DualNTXentLoss(0.3)(z1, z2)
     assert got.device == z1.device and torch.equal(got, want)
+
+
+def test_a_learned_scale_is_clamped_to_1_and_100():
+    # the bound lives in the forward (see inverse_temperature): below 0 and above log(100) the
+    # scale stays at the bound and the parameter gets no gradient
+    for raw, want in ((-2.0, 1.0), (0.0, 1.0), (math.log(1000.0), 100.0), (50.0, 100.0)):
+        s = torch.tensor([raw], dtype=torch.float64, requires_grad=True)
+        got = inverse_temperature(s, 0.25)
+        assert got.item() == pytest.approx(want, rel=1e-12)
+        got.sum().backward()
+        assert s.grad.item() == (0.0 if raw < 0 or raw > MAX_LOGIT_SCALE else pytest.approx(want))
+    assert MAX_LOGIT_SCALE == math.log(100)

@@ -73,3 +73,29 @@ def test_the_loss_is_clip_over_the_chosen_vectors():
     drawn = MMALoss(3, 0.3)(f1, f2, scale, generator=torch.Generator().manual_seed(4))
     loc = sample_locations(2, 3, 4, 3, generator=torch.Generator().manual_seed(4))
     assert torch.equal(drawn, MMALoss(3, 0.3)(f1, f2, scale, locations=loc))
+
+
+def test_the_draw_consumes_the_generator_where_it_lives():
+    # a CPU generator with maps elsewhere (CUDA on a GPU job; "meta" here) draws on the CPU:
+    # drawing on the target device would fail on CUDA, and on meta would not advance the generator
+    g, ref = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
+    first = sample_locations(2, 3, 3, 4, generator=g, device="meta")
+    assert first.device.type == "meta"
+    sample_locations(2, 3, 3, 4, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    nxt = sample_locations(2, 3, 3, 4, generator=g)
+    assert torch.equal(nxt, sample_locations(2, 3, 3, 4, generator=ref))
+
+
+@pytest.mark.parametrize("num_locations", [3, 12])  # a draw, and every location of the 3x4 grid
+def test_locations_are_made_on_the_maps_device(num_locations):
+    # under torch.device("meta") (see test_dual_ntxent_edges.py) locations made without naming
+    # the maps' device land on meta and the CPU loss fails
+    g = torch.Generator().manual_seed(7)
+    f1, f2 = torch.randn(2, 2, 5, 3, 4, generator=g, dtype=torch.float64)
+    torch.manual_seed(8)  # the draw without a generator uses the global CPU generator
+    want = MMALoss(num_locations, 0.3)(f1, f2)
+    torch.manual_seed(8)
+    with torch.device("meta"):
+        got = MMALoss(num_locations, 0.3)(f1, f2)
+    assert got.device == f1.device and torch.equal(got, want)

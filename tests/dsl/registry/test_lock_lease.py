@@ -194,6 +194,21 @@ def test_file_lock_times_out_naming_the_holder(tmp_path, clock, text, named):
         os.close(fd)
 
 
+def test_file_lock_still_tries_at_the_deadline(tmp_path, clock):
+    # a timeout that two back-offs reach exactly: the try at the deadline is not yet too late
+    backoff = 0.02 + 0.5 * 0.03
+    timeout = ((T0 + backoff) + backoff) - T0  # what the fake monotonic clock reads then
+    path = tmp_path / "lock"
+    fd = hold(path)
+    try:
+        with pytest.raises(LockTimeout):
+            with FileLock(path, timeout=timeout):
+                pytest.fail("two holders")
+        assert clock.sleeps == [0.035] * 3
+    finally:
+        os.close(fd)
+
+
 # ---------------------------------------------------------------- registry lock
 
 
@@ -281,3 +296,14 @@ def test_check_and_exit_after_a_takeover(clock):
             del reg.tags[KEY]
             held.check()
     assert str(e.value).endswith("(now held by nobody); nothing written") and reg.deletes == []
+
+
+def test_registry_lock_still_tries_at_the_deadline(clock):
+    # a timeout that two back-offs reach exactly: the try at the deadline is not yet too late
+    backoff = 0.1 + 0.5 * 0.2
+    timeout = ((T0 + backoff) + backoff) - T0  # time.time() + timeout is then the clock's reading
+    reg = Registry({KEY: lease("host:4:forever", T0 + 3600)})
+    with pytest.raises(LockTimeout, match="still held by host:4:forever"):
+        with lock(reg, timeout=timeout):
+            pass
+    assert clock.sleeps == [0.2] * 3 and reg.writes == []
