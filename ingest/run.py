@@ -32,6 +32,7 @@ from dsl.contracts.storage import filesystem, is_local, join
 from ingest.raster import BadInput
 from ingest.sources import BadRecord, PairItem, get_source
 from ingest.stats import BandStats
+from ingest.tiling import tile_pair
 from ingest.writer import ShardWriter, sample_members, write_text_atomic
 
 PARTS = "_parts"
@@ -116,8 +117,6 @@ def hashed_prefixes(cfg: IngestConfig) -> bool:
 
 def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     """Read, validate and write one partition; returns (and commits) its sidecar."""
-    from ingest.tiling import tile_pair
-
     t0 = time.perf_counter()
     source = get_source(cfg.source, cfg.tile_size)
     writer = ShardWriter(join(cfg.output, part.path))

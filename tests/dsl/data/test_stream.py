@@ -5,9 +5,15 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 from fixtures.shards import cfg_for, keys_of, write_dataset
 
+import dsl.data.pairs as pairs_module
+import dsl.data.stream as stream_module
+from dsl.contracts.manifest import read_manifest
+from dsl.contracts.shard_format import MANIFEST
 from dsl.data import batches_per_epoch, make_loader, resume_stream
+from dsl.data.stream import epoch_length
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +79,45 @@ def test_a_position_saved_on_two_ranks_resumes_on_one(shards):
 def test_too_few_samples_is_an_error(shards):
     with pytest.raises(ValueError, match="too few samples for 2 ranks x batch 100"):
         next(resume_stream(cfg_for(shards, batch_size=100), 0, 2, {"epoch": 0, "sample": 0}))
+
+
+def test_an_epoch_of_exactly_one_global_batch_runs(shards):
+    cfg = cfg_for(shards, batch_size=2, samples_per_epoch=4)
+    position = {"epoch": 0, "sample": 0}
+    got = [dict(position) for _ in itertools.islice(resume_stream(cfg, 1, 2, position), 2)]
+    assert got == [{"epoch": 1, "sample": 0}, {"epoch": 2, "sample": 0}]
+
+
+def test_batches_are_normalised_unless_raw_is_asked_for(shards):
+    cfg = cfg_for(shards, batch_size=2)
+    plain = next(resume_stream(cfg, 0, 1, {"epoch": 0, "sample": 0}))
+    assert (plain["s1"].dtype, plain["s2"].dtype) == (torch.float32, torch.float32)
+    raw = next(resume_stream(cfg, 0, 1, {"epoch": 0, "sample": 0}, raw=True))
+    assert (raw["s1"].dtype, raw["s2"].dtype) == (torch.float16, torch.uint16)
+    assert raw["key"] == plain["key"] and torch.equal(raw["s2"].float(), plain["s2"])
+
+
+def test_a_given_manifest_is_all_the_stream_reads_of_it(tmp_path):
+    """The training loop passes the manifest it has: the stream must not read it again."""
+    root = write_dataset(tmp_path / "d", [5, 4])
+    cfg = cfg_for(root, batch_size=2)
+    manifest = read_manifest(root)
+    expect = [b["key"] for b in itertools.islice(resume_stream(cfg, 0, 1, {"epoch": 0, "sample": 0}), 5)]
+    (tmp_path / "d" / MANIFEST).unlink()
+    position = {"epoch": 0, "sample": 0}
+    got = [b["key"] for b in itertools.islice(resume_stream(cfg, 0, 1, position, manifest=manifest), 5)]
+    assert got == expect and position == {"epoch": 1, "sample": 2}  # 9 samples: 4 batches per epoch
+    assert epoch_length(cfg, manifest) == 9
+
+
+def test_without_a_manifest_the_stream_reads_it_once(shards, monkeypatch):
+    calls = []
+
+    def counted(url):
+        calls.append(url)
+        return read_manifest(url)
+
+    monkeypatch.setattr(stream_module, "read_manifest", counted)
+    monkeypatch.setattr(pairs_module, "read_manifest", counted)
+    next(resume_stream(cfg_for(shards, batch_size=2), 0, 1, {"epoch": 0, "sample": 0}))
+    assert calls == [shards]

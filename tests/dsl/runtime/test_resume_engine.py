@@ -118,3 +118,30 @@ def test_a_hostile_full_state_is_refused(tmp_path, loads):
 def test_stream_positions_of_every_checkpoint_format(position, world, expect):
     assert stream_position({"position": position, "world": 2}, world, 4) == {"epoch": 3, "sample": expect}
     assert stream_position({"position": {"epoch": 1, "batch": 3}}, 6, 4) == {"epoch": 1, "sample": 72}
+
+
+@pytest.mark.parametrize("position, expect", [
+    ({"epoch": 1, "batch": 5, "samples": 33}, 33),  # "samples" wins over "batch" (5 x 2 x 4 = 40)
+    ({"epoch": 1, "samples": 33}, 33),  # "samples" alone
+])
+def test_a_recorded_sample_count_wins_over_the_batch_count(position, expect):
+    assert stream_position({"position": position, "world": 2}, 8, 4) == {"epoch": 1, "sample": expect}
+
+
+def test_the_full_state_goes_into_the_engine_being_resumed(tmp_path, monkeypatch):
+    written(tmp_path, 4, {"epoch": 0, "sample": 0})
+    into = []
+    monkeypatch.setattr(full_state, "load", lambda engine, *args, **kwargs: into.append(engine))
+    e = Engine()
+    resume_engine(e, tmp_path, 2, 8)
+    assert into == [e]
+
+
+def test_a_schedule_of_another_number_of_param_groups_is_refused(tmp_path, loads):
+    """A schedule state with 3 groups for an optimizer with 2: refused, not half applied."""
+    state = written(tmp_path, 4, {"epoch": 0, "sample": 0})
+    state["lr_scheduler"]["_last_lr"] = [0.5, 0.5, 0.5]
+    (tmp_path / checkpoint.STATE).write_text(json.dumps(state))
+    e = Engine()
+    with pytest.raises(ValueError):
+        resume_engine(e, tmp_path, 2, 8)
