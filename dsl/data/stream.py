@@ -55,7 +55,7 @@ def resume_stream(cfg: DataConfig, rank: int, world_size: int, position: dict,
     if batches_left(length, position["sample"], world_size, cfg.batch_size) == 0:  # resumed at an epoch's end
         position.update(epoch=position["epoch"] + 1, sample=0)
     loader = make_loader(cfg, rank, world_size, epoch=position["epoch"], start_sample=position["sample"],
-                         manifest=manifest, epochs=None)
+                         manifest=manifest, raw=raw, epochs=None)
     for batch in loader:
         advance(position, length, world_size, cfg.batch_size)
         yield batch
