@@ -181,3 +181,30 @@ def test_write_text_atomic_local_and_remote(tmp_path, memfs):
     assert path.read_text() == "second" and os.listdir(path.parent) == ["plan.json"]
     write_text_atomic("memory://bucket/ds/manifest.json", '{"a": 1}')
     assert memfs.cat_file("/bucket/ds/manifest.json") == b'{"a": 1}'
+
+
+def test_npy_chunks_view_the_data_as_unsigned_bytes():
+    """The data chunk compares equal to the bytes np.save writes, bytes >= 128 included."""
+    array = np.arange(250, 256, dtype=np.uint8)
+    header, data = npy_chunks(array)
+    assert data == npy_bytes(array)[len(header):] and data.format == "B" and data.tolist() == list(range(250, 256))
+
+
+def test_s1_member_at_the_ends_of_the_fixed_point_range():
+    """Values rounding just past int16 are clipped to its ends (error < 0.01 dB), not wrapped."""
+    import warnings
+
+    from ingest.writer import s1_member
+
+    for value in (-32768.6 / 64, 32767.6 / 64):
+        ext, _, error = s1_member(np.full((2, 4, 4), value, np.float32))
+        assert ext == "s1.blosc" and 0.009 < error <= 0.01, value
+    assert s1_member(np.zeros((2, 0, 0), np.float32))[:1] == ("s1.blosc",)  # nothing to compare: no error
+    for bad in (np.nan, 1e38):  # out of the fixed point: full precision, float32, without a warning
+        s1 = np.zeros((2, 4, 4), np.float64)
+        s1[0, 0, 0] = bad
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ext, chunks, error = s1_member(s1)
+        assert ext == "s1.npy" and error == 0.0
+        assert b"".join(bytes(c) for c in chunks) == npy_bytes(s1.astype(np.float32))

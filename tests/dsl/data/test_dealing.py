@@ -149,3 +149,59 @@ def test_crops_depend_on_seed_epoch_and_sample_only():
     assert abs(a.mean() - 0.5) < 0.01 and abs(np.corrcoef(a[:, 0], a[:, 1])[0, 1]) < 0.05  # uniform, y and x apart
     assert np.array_equal(crop_fractions(ids[::-1], 5, 2), a[::-1])  # per sample, whatever the batch order
     assert not np.allclose(crop_fractions(ids, 5, 3), a) and not np.allclose(crop_fractions(ids, 6, 2), a)
+
+
+def test_splitmix64_is_the_reference_mix_and_wraps_silently():
+    """SplitMix64 seeded 0 starts 0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F.
+
+    The k-th output mixes k x the golden gamma; a numpy scalar overflows with a warning unless the
+    mix silences it itself (warnings are errors here).
+    """
+    import warnings
+
+    from dsl.data.dealing import _splitmix64
+
+    gamma = 0x9E3779B97F4A7C15
+    want = [0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4, 0x06C45D188009454F]
+    states = np.array([k * gamma % 2**64 for k in range(3)], dtype=np.uint64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [int(v) for v in _splitmix64(states)] == want
+        assert [int(_splitmix64(np.uint64(s))) for s in states] == want
+
+
+def test_crop_fractions_are_pinned_and_use_the_whole_seed():
+    assert crop_fractions(np.array([0, 1, 2]), 7, 3).tolist() == [
+        [0.5895855936384568, 0.95876531523445], [0.9992669730831392, 0.8832172285514903],
+        [0.6198731235689589, 0.30418170784250265]]
+    ids = np.arange(4)
+    by_seed = {s: crop_fractions(ids, s, 0).tolist() for s in (0, 2, 5)}
+    assert len({str(v) for v in by_seed.values()}) == 3  # not only the seed's parity
+    assert crop_fractions(ids, 2**64 + 5, 0).tolist() == by_seed[5]  # seeds are taken modulo 2^64
+
+
+def test_empty_and_degenerate_orders():
+    for counts in ([], [0, 0]):
+        with pytest.raises(ValueError) as e:
+            EpochOrder(counts, 0, 0, 4)
+        assert str(e.value) == "an epoch order needs at least one sample"
+    empty = EpochOrder([3, 2], 0, 0, 4, length=0)  # an epoch of no sample is allowed
+    for order in (empty, EpochOrder([3, 2], 0, 0, 4), EpochOrder([3, 2], 0, 0, 4, members=np.array([1, 4, 6, 7, 9]))):
+        got = order.ids(0, 0)
+        assert got.dtype == np.int64 and got.shape == (0,)
+    assert EpochOrder([3, 2], 0, 0, 4).ids(5, 5).shape == (0,)
+
+
+def test_a_short_epoch_shuffles_only_its_own_positions():
+    """samples_per_epoch below the data: the last block is cut at the epoch's end, then shuffled."""
+    for seed in range(8):
+        order = EpochOrder([20], seed, 0, 8, length=12)  # one shard: laid-out position = id
+        assert sorted(order.ids(0, 12).tolist()) == list(range(12)), seed
+
+
+def test_each_extra_pass_is_shuffled_anew_and_read_across_its_boundary():
+    one = EpochOrder([16], 0, 0, 16, length=32)  # one shard, one block per pass
+    assert one.ids(0, 16).tolist() != one.ids(16, 32).tolist()
+    two = EpochOrder([5, 3], 0, 0, 4, length=20)
+    assert two.ids(0, 20).tolist() == two.ids(0, 8).tolist() + two.ids(8, 16).tolist() + two.ids(16, 20).tolist()
+    assert two.ids(6, 10).tolist() == EpochOrder([5, 3], 0, 0, 4, length=20).ids(0, 20)[6:10].tolist()

@@ -12,7 +12,9 @@ global sample id ``N``.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 import tarfile
 from collections import Counter
@@ -455,3 +457,297 @@ def test_label_members_are_checked(tmp_path):
     (batch,) = all_batches(cfg_for(root), labels=True, train=False)
     assert batch["cls"].tolist() == [0, 5, 2] and batch["cls"].dtype == torch.int64
     assert batch["multi"].dtype == torch.float32 and batch["multi"][2].tolist() == [0, 0, 1, 0, 0, 1, 0, 0]
+
+
+# ---------------------------------------------------------------- evaluation streams
+
+
+def test_evaluation_batches_are_normalised_unless_raw_is_asked_for(ds):
+    cfg = cfg_for(ds["three"], batch_size=4)
+    m = read_manifest(cfg.shards)
+    plain = next(iter(P.EvalStream(cfg, m, 0, 1)))  # the constructor's default: normalised
+    assert (plain["s1"].dtype, plain["s2"].dtype) == (torch.float32, torch.float32)
+    raw = next(iter(P.EvalStream(cfg, m, 0, 1, raw=True)))
+    assert (raw["s1"].dtype, raw["s2"].dtype) == (torch.float16, torch.uint16)
+    assert raw["key"] == plain["key"] and torch.equal(raw["s2"].float(), plain["s2"])
+
+
+def test_an_evaluation_selection_counts_only_its_samples(ds):
+    chosen = {"pairs-000000.tar": ["loc0001", "loc0005"], "pairs-000002.tar": ["loc0016", "loc0019", "loc0020"]}
+    s = stream(cfg_for(ds["three"], batch_size=2), train=False, keys=chosen)
+    batches = list(s)
+    assert len(s) == len(batches) == 3  # 5 samples in batches of 2
+    assert sorted(k for b in batches for k in b["key"]) == sorted(chosen["pairs-000000.tar"] + chosen["pairs-000002.tar"])
+
+
+def test_evaluation_selection_errors(tmp_path, ds):
+    root = write_dataset(tmp_path / "val", [3], split="val")
+    with pytest.raises(ValueError) as e:
+        stream(cfg_for(root, split="val"), train=False, keys={"x.tar": ["a"]})
+    assert str(e.value) == "key selection names shards ['x.tar'] that are not in split 'val'"
+    with pytest.raises(ValueError) as e:
+        stream(cfg_for(ds["three"]), train=False, keys={"pairs-000001.tar": ["z3", "loc0010", "z1", "z2", "z0"]})
+    assert str(e.value) == f"{Path(ds['three']) / 'pairs-000001.tar'}: selected keys ['z0', 'z1', 'z2'] are not in the shard"
+
+
+def test_an_evaluation_stream_for_workers_refuses_to_run_in_the_main_process(ds):
+    s = stream(cfg_for(ds["three"], loader_workers=2), train=False)
+    with pytest.raises(RuntimeError) as e:
+        next(iter(s))
+    assert str(e.value) == "stream built for 2 workers runs in 1; use make_loader"
+
+
+# ---------------------------------------------------------------- selections, stand-ins
+
+
+def test_a_shard_that_does_not_hold_the_manifests_count_is_refused(tmp_path):
+    root = Path(write_dataset(tmp_path / "d", [3, 4]))
+    (root / "pairs-000001.tar").write_bytes((root / "pairs-000000.tar").read_bytes())  # 3 samples, not 4
+    with pytest.raises(ValueError) as e:
+        stream(cfg_for(str(root), batch_size=1), keys={"pairs-000000.tar": ["loc0000"], "pairs-000001.tar": ["loc0003"]})
+    assert str(e.value) == f"{root / 'pairs-000001.tar'}: holds 3 samples, the manifest says 4"
+
+
+def _gone(root: Path, *shards: int) -> None:
+    for n in shards:
+        (root / f"pairs-{n:06d}.tar").unlink()
+
+
+def test_stand_ins_of_a_selection_are_selected_samples_even_in_batches_of_one(tmp_path):
+    root = Path(write_dataset(tmp_path / "d", [6, 6, 6, 6]))
+    chosen = {f"pairs-{n:06d}.tar": [f"loc{6 * n + 4:04d}", f"loc{6 * n + 5:04d}"] for n in range(4)}
+    s = stream(cfg_for(str(root), batch_size=1, read_retries=0), keys=chosen)
+    _gone(root, 2)  # loc0016 and loc0017 unreadable
+    batches = list(s)
+    assert len(batches) == 8 and sum(b["skipped"] for b in batches) == 2
+    got = [k for b in batches for k in b["key"]]
+    assert set(got) <= {k for ks in chosen.values() for k in ks} - {"loc0016", "loc0017"}
+
+
+def test_stand_ins_are_pinned_and_the_same_on_a_rerun(tmp_path):
+    """Seed 0's stand-ins: a rerun (or a resumed job) trains on the same samples.
+
+    Shards 1 and 5 (loc0004-0007, loc0020-0023) are gone; the first 4 batches read none of them.
+    """
+    root = Path(write_dataset(tmp_path / "d", [4] * 8))
+    cfg = cfg_for(str(root), batch_size=4, read_retries=0)
+    _gone(root, 1, 5)
+    runs = [[(b["key"], b["skipped"]) for b in stream(cfg)][4:] for _ in range(2)]
+    assert runs[0] == runs[1] == [
+        (["loc0025", "loc0012", "loc0003", "loc0002"], 2),  # for loc0020, loc0023
+        (["loc0014", "loc0001", "loc0000", "loc0030"], 2),  # for loc0021, loc0022
+        (["loc0029", "loc0028", "loc0031", "loc0013"], 1),  # for loc0004
+        (["loc0030", "loc0011", "loc0028", "loc0029"], 3)]  # for loc0005, loc0007, loc0006
+
+
+def test_stand_ins_are_the_samples_their_ids_name(tmp_path):
+    """A batch of holes only, in a universe of 8: candidates already in the batch are skipped."""
+    root = Path(write_dataset(tmp_path / "d", [4, 6, 4]))
+    chosen = {"pairs-000000.tar": ["loc0000", "loc0002", "loc0003"], "pairs-000001.tar": ["loc0004", "loc0009"],
+              "pairs-000002.tar": ["loc0010", "loc0011", "loc0013"]}
+    s = stream(cfg_for(str(root), batch_size=4), keys=chosen)
+    _, order, ids = next(s.batch_ids())
+    reader = RangeReader(*s.retry)
+    try:
+        new, samples = s._replace(reader, order, ids, [None] * 4)
+    finally:
+        reader.close()
+    assert not set(new.tolist()) & set(ids.tolist()) and len(set(new.tolist())) == 4
+    shard_of = {k: n for n, ks in enumerate(chosen.values()) for k in ks}
+    for i, sample in zip(new, samples, strict=True):
+        key = f"loc{int(i):04d}"
+        assert key in shard_of and sample["__key__"] == key
+        assert sample["__url__"] == str(root / f"pairs-{shard_of[key]:06d}.tar")
+
+
+def test_a_batch_without_readable_stand_ins_gives_up_after_64_draws_per_sample(tmp_path, monkeypatch):
+    root = Path(write_dataset(tmp_path / "d", [2] * 5))
+    s = stream(cfg_for(str(root), batch_size=2, read_retries=0))
+    _gone(root, *range(5))
+    draws = []
+    real = np.random.default_rng
+
+    class Counted:
+        def __init__(self, *args):
+            self.rng = real(*args)
+
+        def integers(self, *args):
+            draws.append(args)
+            return self.rng.integers(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    monkeypatch.setattr(np.random, "default_rng", Counted)
+    with pytest.raises(P.ShardUnavailable) as e:
+        next(iter(s))
+    urls = sorted(str(root / f"pairs-{n:06d}.tar") for n in range(5))
+    assert str(e.value) == f"2 samples of a batch have no readable stand-in: unreadable shards {urls[:3]}"
+    assert len(draws) == 64 * 2
+
+
+def _sample_bytes(*members: tuple[str, bytes]) -> bytes:
+    """Members as the writer lays them out: ustar header, data, padding to 512."""
+    out = b""
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        out += info.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    return out
+
+
+def test_split_sample_takes_every_member_of_its_range():
+    """Members of any size, an empty last one; end-of-archive blocks after them end the sample."""
+    data = _sample_bytes(("k.s1.npy", b"\1" * 512), ("k.s2.npy", b"\2" * 700), ("k.json", b""))
+    want = {"__url__": "u", "__key__": "k", "s1.npy": b"\1" * 512, "s2.npy": b"\2" * 700, "json": b""}
+    for tail in (b"", b"\0" * 1024):
+        got = P.split_sample(data + tail, "u", 4096)
+        assert {k: v if k.startswith("__") else bytes(v) for k, v in got.items()} == want
+
+
+def test_split_sample_errors_name_the_shard_and_byte():
+    two = _sample_bytes(("k.s1.npy", b"\1" * 700), ("k.s2.npy", b"\2" * 1000))
+    cases = [
+        (two[:-512], "u: byte 5632: member k.s2.npy runs past its sample's index range"),  # 4096 + 512 + 1024
+        (two[:1536] + b"\7" + two[1537:], "u: byte 5632: not a tar header (bad checksum); the index or shard is damaged"),
+        (two + _sample_bytes(("j.s1.npy", b"")), "u: byte 4096: index range holds samples 'k' and 'j'"),
+        (b"\0" * 1024, "u: byte 4096: no member in the sample's index range"),
+        (b"", "u: byte 4096: no member in the sample's index range"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ValueError) as e:
+            P.split_sample(data, "u", 4096)
+        assert str(e.value) == message
+
+
+def test_whole_shard_reads_seek_past_unwanted_members(ds, monkeypatch):
+    """A seekable shard: only headers and the wanted members' bytes are read."""
+    shard = str(Path(ds["three"]) / "pairs-000000.tar")
+    read = []
+
+    class Counted(io.FileIO):
+        def read(self, n=-1):
+            data = super().read(n)
+            read.append(len(data))
+            return data
+
+        def readinto(self, b):
+            n = super().readinto(b)
+            read.append(n)
+            return n
+
+    monkeypatch.setattr(P, "gopen", lambda url, mode: Counted(url, "rb"))
+    assert len(list(P.read_shard(shard, ("json",)))) == 9
+    assert 0 < sum(read) < Path(shard).stat().st_size // 4
+
+
+def test_an_unopenable_shard_is_named(tmp_path):
+    url = str(tmp_path / "missing.tar")
+    with pytest.raises(OSError) as e:
+        next(P.read_shard(url))
+    assert str(e.value).startswith(f"{url}: cannot open shard: ")
+
+
+def test_a_given_manifest_is_not_read_again(ds, tmp_path):
+    m = read_manifest(ds["three"])
+    elsewhere = cfg_for(str(tmp_path / "no-manifest-here"))
+    assert P.batches_per_epoch(elsewhere, 1, manifest=m) == 7  # 21 samples // 3
+
+
+def test_training_batches_carry_their_epoch(ds):
+    s = stream(cfg_for(ds["three"], batch_size=7), epoch=2, epochs=2)
+    assert [b["epoch"] for b in s] == [2, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_worker_w_builds_the_ranks_batches_w_w_plus_n_and_so_on(ds, workers):
+    s = stream(cfg_for(ds["three"], batch_size=2), 1, 2, epochs=2)
+    every = [(e, ids.tolist()) for e, _, ids in s.batch_ids()]  # the defaults: one worker, all batches
+    assert len(every) == 2 * len(s) == 10
+    assert [[f"loc{i:04d}" for i in ids] for _, ids in every] == keys(list(s))
+    per = [[(e, ids.tolist()) for e, _, ids in s.batch_ids(w, workers)] for w in range(workers)]
+    assert per == [every[w::workers] for w in range(workers)]
+
+
+def test_unreadable_samples_are_logged_and_only_they_are_replaced(tmp_path, caplog):
+    root = Path(write_dataset(tmp_path / "d", [4] * 8))
+    _gone(root, 1)
+    with caplog.at_level("WARNING", logger="dsl.data.pairs"):
+        batches = list(stream(cfg_for(str(root), batch_size=4, read_retries=0)))
+    assert sum(b["skipped"] for b in batches) == 4  # loc0004-0007 only, whatever the batch's shard order
+    said = {r.getMessage() for r in caplog.records}
+    assert said and all(m.startswith(f"skipping a sample of an unavailable shard: {root / 'pairs-000001.tar'} ")
+                        for m in said)
+
+
+def test_empty_batches_of_any_dtype_in_a_worker(monkeypatch):
+    monkeypatch.setattr(P, "get_worker_info", lambda: SimpleNamespace(id=0, num_workers=1))
+    t = P._empty((2, 3, 4), torch.uint16)
+    assert t.dtype == torch.uint16 and t.shape == (2, 3, 4) and t.is_shared() and t.untyped_storage().nbytes() == 48
+    for cls in torch.UntypedStorage.__mro__:  # an older torch: no _new_shared anywhere, copied to shared memory
+        if "_new_shared" in vars(cls):
+            monkeypatch.delattr(cls, "_new_shared")
+    assert not hasattr(torch.UntypedStorage, "_new_shared")
+    t = P._empty((5, 2), torch.float16)
+    assert t.dtype == torch.float16 and t.shape == (5, 2) and t.is_shared()
+
+
+def test_raw_training_crops_are_the_normalised_crops(ds):
+    """crop 8 of 32 px (not half the patch): the raw window is the same window."""
+    cfg = cfg_for(ds["three"], crop_size=8)
+    for plain, raw in zip(all_batches(cfg), all_batches(cfg, raw=True), strict=True):
+        assert raw["key"] == plain["key"] and raw["s2"].dtype == torch.uint16
+        assert torch.equal(raw["s1"].float(), plain["s1"]) and torch.equal(raw["s2"].float(), plain["s2"])
+
+
+def test_a_decoder_failure_of_another_kind_is_a_corrupt_member(ds, monkeypatch):
+    def cut_short(name, data, where):
+        raise EOFError("cut short")
+
+    monkeypatch.setattr(P, "decode_array", cut_short)
+    with pytest.raises(ValueError) as e:
+        all_batches(cfg_for(ds["three"]), train=False)
+    shard = Path(ds["three"]) / "pairs-000000.tar"
+    assert str(e.value) == f"{shard}: sample 'loc0000': s1.npy: corrupt member (cut short)"
+
+
+def test_index_errors_name_the_index_or_the_headers(tmp_path):
+    root = Path(write_dataset(tmp_path / "v2", [3, 4]))
+    table = np.load(root / "index.npy")
+    past = table.copy()
+    past[-1] = (root / "pairs-000001.tar").stat().st_size + 512
+    np.save(root / "index.npy", past)
+    m = json.loads((root / "manifest.json").read_text())
+    data = (root / "index.npy").read_bytes()
+    m["index"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError) as e:  # checked for every shard, not only the selected ones
+        stream(cfg_for(str(root), batch_size=1), keys={"pairs-000000.tar": ["loc0000"]})
+    assert str(e.value).startswith(f"{root / 'index.npy'}: shard 1's samples end at byte {past[-1]}, past its ")
+    old = Path(write_dataset(tmp_path / "v1", [3, 4], index=False))
+    m = json.loads((old / "manifest.json").read_text())
+    m["shards"][1]["bytes"] = 1024
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError) as e:
+        stream(cfg_for(str(old), batch_size=1))
+    assert str(e.value).startswith(f"{old} (tar headers): shard 1's samples end at byte ")
+    assert str(e.value).endswith(", past its 1024 bytes")
+
+
+def test_make_loader_settings(ds, monkeypatch):
+    cfg = cfg_for(ds["three"], batch_size=4)
+    raw = next(iter(P.make_loader(cfg, 0, 1, train=False, raw=True)))
+    assert (raw["s1"].dtype, raw["s2"].dtype) == (torch.float16, torch.uint16)
+    for pin, cuda in ((True, False), (False, True), (True, True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        loader = P.make_loader(cfg.model_copy(update={"pin_memory": pin}), 0, 1)
+        assert loader.pin_memory is (pin and cuda)
+    monkeypatch.undo()
+    assert P.make_loader(cfg.model_copy(update={"loader_workers": 2}), 0, 1).prefetch_factor == 2
+
+
+def test_selecting_every_sample_is_the_unselected_epoch(ds):
+    every = {f"pairs-{n:06d}.tar": [f"loc{i:04d}" for i in range(a, b)]
+             for n, (a, b) in enumerate(((0, 9), (9, 16), (16, 21)))}
+    cfg = cfg_for(ds["three"], batch_size=1)
+    assert keys(list(stream(cfg, keys=every))) == keys(list(stream(cfg)))

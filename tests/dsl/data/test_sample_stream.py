@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -210,8 +211,6 @@ def test_selected_keys_only_once_per_epoch(ds):
 
 
 def test_member_headers_are_parsed_as_tar_parses_them():
-    import tarfile
-
     from dsl.data.pairs import _ustar_member
 
     for name in ("k.s1.npy", "a/b/" + "d" * 90 + "/k_r0_c1.s2.blosc", "é.json"):  # the second uses ustar's prefix
@@ -232,3 +231,56 @@ def test_member_headers_are_parsed_as_tar_parses_them():
         _ustar_member(link.tobuf(tarfile.USTAR_FORMAT), "u", 0)
     with pytest.raises(ValueError, match="bad number field"):
         _ustar_member(b"k.s1.npy".ljust(124, b"\0") + b"9999" + b"\0" * 384, "u", 0)
+
+
+def _header(name: str = "k.s1.npy", size: int = 1000, kind: bytes = tarfile.REGTYPE, edit=None,
+            signed: bool = False, chksum: bytes = b"%06o\0 ") -> bytes:
+    """A ustar header as other writers write it: ``edit`` rewrites fields, then the checksum is set."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
+    if edit:
+        edit(header)
+    header[148:156] = b" " * 8
+    total = sum(header) - (256 * sum(b > 127 for b in header) if signed else 0)
+    header[148:156] = chksum % total
+    return bytes(header)
+
+
+def _set(at: int, value: bytes):
+    def edit(header: bytearray) -> None:
+        header[at : at + len(value)] = value
+    return edit
+
+
+@pytest.mark.parametrize("header", [
+    # number fields left-aligned and NUL-padded (tarfile and GNU tar read them)
+    _header(edit=_set(124, b"1750".ljust(12, b"\0")), chksum=b"%o\0\0\0\0"),
+    # number fields ended by a space, no NUL
+    _header(edit=_set(124, b"%011o " % 1000), chksum=b"%07o "),
+    _header(size=0, edit=_set(124, b"\0" * 12)),  # an empty size field: 0
+    _header(kind=tarfile.AREGTYPE),  # the old (V7) regular-file type NUL
+    _header(name="d" * 93 + ".s1.npy"),  # a 100-byte name: no NUL ends it
+    _header(name="p" * 155 + "/k.s1.npy", edit=_set(500, b"x")),  # a 155-byte prefix, something in the pad
+    _header(name="\udcff\udcfe.s1.npy"),  # name bytes that are not UTF-8
+    # a signed-sum checksum over bytes 127, 128 and 200 (two of them "negative")
+    _header(edit=_set(505, bytes([127, 128, 200])), signed=True),
+])
+def test_member_headers_of_other_writers_are_parsed_as_tar_parses_them(header):
+    from dsl.data.pairs import _ustar_member
+
+    info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    assert _ustar_member(header, "u", 0) == (info.name, info.size)
+
+
+def test_member_header_errors():
+    from dsl.data.pairs import _ustar_member
+
+    no_checksum = bytearray(_header())
+    no_checksum[148:156] = b"\0" * 8
+    with pytest.raises(ValueError) as e:
+        _ustar_member(bytes(no_checksum), "u", 512)
+    assert str(e.value) == "u: byte 512: not a tar header (bad checksum); the index or shard is damaged"
+    with pytest.raises(ValueError) as e:  # an odd type byte > 127 under a signed-sum checksum
+        _ustar_member(_header(kind=b"\xc8", signed=True), "u", 0)
+    assert str(e.value) == "u: byte 0: member type b'\\xc8' is not a plain file"
