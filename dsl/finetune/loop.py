@@ -29,7 +29,7 @@ from dsl.contracts.model_card import ModelCard
 from dsl.data import make_loader
 from dsl.finetune import metrics as M
 from dsl.finetune.models import build_finetune_model
-from dsl.runtime.checkpoint import load_state, save_state
+from dsl.runtime.checkpoint import load_state, local_copy, save_state
 from dsl.runtime.engine import build_engine
 from dsl.runtime.tracking import MetricLogger, log_metrics
 from dsl.runtime.trainer import setup_worker
@@ -177,7 +177,7 @@ def finetune_loop(config: dict) -> None:
     cache: dict = {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        with local_copy(checkpoint) as d:
             done = load_state(Path(d))["done"]
     for i, cell in enumerate(config["cells"]):
         if cell["run_id"] in done:

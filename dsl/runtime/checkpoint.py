@@ -10,7 +10,11 @@ containers and primitives, plus the few plain DeepSpeed/torch value types listed
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -63,6 +67,29 @@ def use_safe_loading(engine) -> None:
             return safe_load(path, map_location)
 
     engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+
+
+@contextlib.contextmanager
+def local_copy(checkpoint) -> Iterator[Path]:
+    """A Ray Train checkpoint as a local folder this process alone reads, removed on exit.
+
+    Ray's ``Checkpoint.as_directory`` shares one temporary folder per checkpoint among the
+    processes of a node: a worker arriving after the first download ended downloads again into
+    that folder, rewriting files another worker is reading (a resume on a node with several
+    workers failed with "internal miniz error": a torch file truncated under its reader), and
+    the last to leave removes it. A private copy per process costs one download per worker.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        yield Path(checkpoint.path)  # already local: read in place, never removed
+        return
+    folder = tempfile.mkdtemp(prefix="dsl-checkpoint-")
+    try:
+        checkpoint.to_directory(folder)
+        yield Path(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_state(directory: Path, state: dict) -> None:

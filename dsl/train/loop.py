@@ -29,7 +29,14 @@ from dsl.data import Normaliser, resume_stream, with_positions
 from dsl.objectives import build_objective
 from dsl.objectives.grad_cache import CachedStep, grad_cache_step
 from dsl.runtime import full_state
-from dsl.runtime.checkpoint import DS_TAG, FULL_STATE, engine_counters, resume_engine, save_state
+from dsl.runtime.checkpoint import (
+    DS_TAG,
+    FULL_STATE,
+    engine_counters,
+    local_copy,
+    resume_engine,
+    save_state,
+)
 from dsl.runtime.device import DevicePrefetcher, ModelInputs, memory_format, prepare_model
 from dsl.runtime.engine import build_engine, optimizer_steps
 from dsl.runtime.tracking import MetricLogger
@@ -210,7 +217,7 @@ def train_loop(config: dict) -> None:
     position = {"epoch": 0, "sample": 0}  # samples of the epoch consumed: any world size resumes it
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
+        with local_copy(checkpoint) as d:
             position = resume_engine(engine, Path(d), world, cfg.data.batch_size)
     # steps the optimizer took (what the LR schedule follows); DeepSpeed's global_steps also
     # counts fp16 steps skipped for an overflow

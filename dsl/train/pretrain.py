@@ -45,7 +45,7 @@ def _mlflow_run(cfg: Config, job: str, manifest_sha: str) -> str:
 def pretrain(cfg: Config) -> dict:
     """Run (or resume) a pretraining job; returns run id, model version and final metrics."""
     from dsl.registry import register_backbones
-    from dsl.runtime.checkpoint import load_state
+    from dsl.runtime.checkpoint import load_state, local_copy
     from dsl.runtime.tracking import client as mlflow_client
     from dsl.runtime.trainer import make_trainer
     from dsl.train.loop import train_loop
@@ -67,7 +67,7 @@ def pretrain(cfg: Config) -> dict:
            "checkpoint": result.checkpoint.path if result.checkpoint else None}
     if result.checkpoint is None:
         return out
-    with result.checkpoint.as_directory() as d:
+    with local_copy(result.checkpoint) as d:
         state = load_state(Path(d))
         out["step"] = state["step"]
         if not state["final"]:
