@@ -69,6 +69,14 @@ class DataConfig(Section):
                               "at its offset, exponential backoff) before its shard is skipped for the job")
     read_backoff_s: float = Field(0.5, ge=0, description="first retry's wait; doubles per retry")
     read_max_backoff_s: float = Field(20.0, ge=0, description="longest wait between retries")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="samples dropped as bad (a shard that "
+                                    "fails its checks, an undecodable sample, non-finite or out-of-range "
+                                    "values) beyond this fraction of those read stop the job with an error")
+    s1_range: tuple[float, float] = Field((-100.0, 60.0), description="valid S1 backscatter in dB; a "
+                                          "sample with values outside is dropped as bad (linear power or "
+                                          "a broken conversion)")
+    s2_range: tuple[float, float] = Field((-1000.0, 65535.0), description="valid S2 values (digital "
+                                          "numbers, L2A offset removed); outside: dropped as bad")
     normalisation: Literal["manifest", "clip"] = "manifest"
     s1_bands: list[int] | None = None
     s2_bands: list[int] | None = None
@@ -84,6 +92,15 @@ class DataConfig(Section):
                              "asynchronously; only where CUDA is available")
     device_prefetch: int = Field(1, ge=0, description="pretraining: batches copied to the device ahead "
                                  "of the step (on a side CUDA stream); 0 copies each when it is needed")
+
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> DataConfig:
+        for key in ("s1_range", "s2_range"):
+            low, high = getattr(self, key)
+            if not low < high:  # also refuses NaN bounds
+                raise ValueError(f"{key}: the low end {low} must be below the high end {high}")
+        return self
 
 
 class ModelConfig(Section):
@@ -116,6 +133,8 @@ class OptimConfig(Section):
     warmup_steps: int = Field(0, ge=0)
     max_steps: int = Field(1000, ge=1)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    max_nonfinite_steps: int = Field(10, ge=1, description="a step whose loss or gradients are not "
+                                     "finite is skipped and counted; this many in a row stop the job")
 
 
 class DeepSpeedConfig(Section):
