@@ -119,15 +119,20 @@ class ShardWriter:
         self.bytes = 0
         self.count = 0
         self.offsets: list[int] = []  # each sample's first header byte: the shard's index
+        self.digests: list[int] = []  # each sample's byte range's sha256 prefix (sample_digest)
+        self._sample_sha = None
 
     def _write(self, data) -> None:
         self._sha.update(data)
+        if self._sample_sha is not None:
+            self._sample_sha.update(data)
         self._file.write(data)
         self.bytes += len(data)
 
     def add(self, members: list[tuple[str, list]]) -> None:
         """Append one sample's members (from :func:`sample_members`) to the tar."""
         self.offsets.append(self.bytes)
+        self._sample_sha = hashlib.sha256()  # the sample's range: its headers, data and padding
         for name, chunks in members:
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = sum(len(c) for c in chunks), 0o444, 0  # mtime 0: same bytes on rerun
@@ -135,6 +140,8 @@ class ShardWriter:
             for c in chunks:
                 self._write(c)
             self._write(b"\0" * (-info.size % BLOCK))
+        self.digests.append(int.from_bytes(self._sample_sha.digest()[:8], "little"))  # = sample_digest
+        self._sample_sha = None
         self.count += 1
 
     def _close(self) -> dict:
@@ -142,14 +149,15 @@ class ShardWriter:
         self._write(b"\0" * (2 * BLOCK))  # end-of-archive marker, then pad to a full record
         self._write(b"\0" * (-self.bytes % RECORD))
         self._file.close()
-        return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.count, "offsets": self.offsets}
+        return {"bytes": self.bytes, "sha256": self._sha.hexdigest(), "samples": self.count, "offsets": self.offsets,
+                "digests": self.digests}
 
     def commit(self) -> dict:
         """Finish the tar and publish it at ``url``.
 
         Returns:
-            Its bytes, sha256, samples and ``offsets`` (each sample's start, then the last
-            one's end: the shard's entry in the index).
+            Its bytes, sha256, samples, ``offsets`` (each sample's start, then the last
+            one's end: the shard's entry in the index) and ``digests`` (each sample's).
         """
         info = self._close()
         try:

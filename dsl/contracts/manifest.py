@@ -74,7 +74,7 @@ class Stats(_Record):
 
 
 class IndexRef(_Record):
-    """The dataset's byte-offset index file (:mod:`dsl.contracts.shard_index`)."""
+    """A table beside the manifest: the byte-offset index or the sample digests (shard_index)."""
 
     name: str = Field(min_length=1)
     bytes: int = Field(gt=0)
@@ -102,6 +102,8 @@ class Manifest(_Record):
     seconds: float | None = None
     task_seconds: float | None = None
     index: IndexRef | None = None  # format_version >= 2; older datasets are indexed by reading headers
+    digests: IndexRef | None = None  # each sample's sha256 prefix; datasets written before: unchecked
+    patch_min: list[int] | None = None  # [H, W] of the smallest sample (a crop must fit); older: unknown
 
     @field_validator("format_version")
     @classmethod

@@ -152,13 +152,18 @@ def decode_npy(data: bytes | memoryview, name: str = "<npy>") -> np.ndarray:
         raise ValueError(f"{name}: not a plain numeric .npy (dtype {dtype})")
     if fortran and len(shape) > 1:
         raise ValueError(f"{name}: not a plain numeric .npy (Fortran order is not supported)")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{name}: not a plain numeric .npy (negative dimension in shape {shape})")
     count = math.prod(shape)
     if count * dtype.itemsize != n - end:
         raise ValueError(
             f"{name}: not a plain numeric .npy (shape {shape} of {dtype} needs {count * dtype.itemsize} "
             f"bytes, the payload has {n - end})"
         )
-    return np.frombuffer(view, dtype=dtype, count=count, offset=end).reshape(shape)
+    try:
+        return np.frombuffer(view, dtype=dtype, count=count, offset=end).reshape(shape)
+    except ValueError as e:  # a zero beside dimensions whose product numpy cannot hold
+        raise ValueError(f"{name}: not a plain numeric .npy (shape {shape}: {e})") from None
 
 
 def encode_blosc(array: np.ndarray, scale: float = 0.0) -> list:
@@ -234,7 +239,10 @@ def decode_blosc(data: bytes | memoryview, name: str = "<blosc>") -> np.ndarray:
             f"{name}: corrupt compact member (shape {shape} of {dtype} needs {count * dtype.itemsize} bytes; "
             f"its blosc frame declares {nbytes} bytes in {cbytes}, the member holds {len(frame)})"
         )
-    out = np.empty(shape, dtype=dtype)
+    try:
+        out = np.empty(shape, dtype=dtype)
+    except ValueError as e:  # a zero beside dimensions whose product numpy cannot hold
+        raise ValueError(f"{name}: corrupt compact member header (shape {shape}: {e})") from None
     if count:
         try:
             _BLOSC_CODEC.decode(frame, out=out)
@@ -268,20 +276,31 @@ def decode_array(ext: str, data: bytes | memoryview, where: str) -> np.ndarray:
     raise ValueError(f"{where}: no array decoder for member extension {ext!r}")
 
 
-def webdataset_decoder(key: str, data: bytes) -> np.ndarray | None:
-    """A webdataset handler for array members: ``wds.WebDataset(url).decode(webdataset_decoder)``.
+def webdataset_decoder(key: str, data: bytes) -> Any:
+    """A webdataset handler for every member DSL writes, and nothing that runs code.
 
-    Decodes ``.npy`` and ``.blosc`` members with :func:`decode_array` (so .npy comes back
-    read-only, without a copy) and leaves every other member (None) to the next handler.
+    The safe call is ``wds.WebDataset(url).decode(webdataset_decoder, post=[])``: ``post=[]``
+    drops webdataset's default handlers, which unpickle ``.pyd``/``.pickle``/``.pkl`` members
+    (and ``torch.load`` ``.pth``) of whatever shard they are given. Decodes ``.npy`` and ``.blosc``
+    with :func:`decode_array` (.npy read-only, without a copy), ``.json`` to its object and
+    ``.cls`` to an int; leaves any other member (None) to the next handler, i.e. as bytes.
     """
     ext = key.lstrip(".")  # webdataset passes ".<ext>"
-    if ext.rsplit(".", 1)[-1] not in ("npy", "blosc"):
-        return None
-    return decode_array(ext, data, ext)
+    last = ext.rsplit(".", 1)[-1]
+    if last in ("npy", "blosc"):
+        return decode_array(ext, data, ext)
+    if last == "json":
+        return json.loads(bytes(data))
+    if last == "cls":
+        return int(bytes(data).decode("ascii").strip())
+    return None
 
 
 def register_webdataset_decoders() -> None:
     """Teach stock ``wds.WebDataset(url).decode()`` the ``.blosc`` members (``.npy`` it knows).
+
+    Stock ``.decode()`` also unpickles ``.pyd``/``.pickle`` members: for shards not known to be
+    ours, use ``.decode(webdataset_decoder, post=[])`` (:func:`webdataset_decoder`) instead.
 
     Adds ``blosc`` to webdataset's extension table (``webdataset.autodecode.decoders``), which
     its default handlers consult; idempotent.

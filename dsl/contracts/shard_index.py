@@ -13,6 +13,13 @@ and sha256; a reader checks all three before trusting a single offset.
 
 Datasets written before the index (``format_version`` 1) get the same table by reading their
 shards' tar headers once (:func:`scan_offsets`).
+
+Sample digests (``digests.npy``, ``manifest.digests``): for each sample in the same order, the
+first 8 bytes of the sha256 of its byte range (headers, data and padding), as little-endian
+uint64. A loader reading a sample's range checks it against its digest: the shard's integrity
+checked as it streams, sample by sample, with no second pass (a whole-shard hash cannot be
+checked when samples are read as ranges). The digests file is itself checked against the
+manifest's size and sha256, so the chain manifest -> digests -> sample holds end to end.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from dsl.contracts.shard_format import decode_npy
 from dsl.contracts.storage import filesystem, join
 
 INDEX = "index.npy"
+DIGESTS = "digests.npy"
 # A shard member or sample larger than this is not a satellite patch: refuse, never allocate it.
 MAX_SAMPLE_BYTES = 256 << 20
 # The index of 100 million samples is 0.8 GB: a bigger file is not an index of ours.
@@ -54,6 +63,57 @@ def write_index(output_url: str, offsets: Sequence[Sequence[int]]) -> dict:
     return {"name": INDEX, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def sample_digest(data) -> int:
+    """A sample's digest: the first 8 bytes of the sha256 of its byte range, as an integer."""
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+
+
+def write_digests(output_url: str, digests: Sequence[Sequence[int]]) -> dict:
+    """Write ``digests.npy`` (uint64, per shard in manifest order its samples' digests).
+
+    Returns:
+        The manifest's ``digests`` record (name, bytes, sha256).
+    """
+    flat = np.concatenate([np.asarray(d, dtype=np.uint64) for d in digests]) if digests else np.zeros(0, np.uint64)
+    buf = io.BytesIO()
+    np.save(buf, flat, allow_pickle=False)
+    data = buf.getvalue()
+    fs, path = filesystem(join(output_url, DIGESTS))
+    fs.pipe_file(path, data)  # written before the manifest commits it
+    return {"name": DIGESTS, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def read_digests(url: str, size: int, sha256: str, samples: int) -> np.ndarray:
+    """Read ``digests.npy`` at ``url``, checked against the manifest's size, sha256 and samples.
+
+    Raises:
+        FileNotFoundError: The file is missing.
+        ValueError: Size, digest or length differ from the manifest's, or not a uint64 table.
+    """
+    table = _parse_table(_read_checked(url, size, sha256, "digests"), url, "digests table")
+    if table.dtype != np.uint64 or table.shape != (samples,):
+        raise ValueError(f"{url}: digests are {table.dtype} {table.shape}, expected uint64 [{samples}]; "
+                         "rerun the ingest")
+    return table
+
+
+def _read_checked(url: str, size: int, sha256: str, what: str) -> bytes:
+    """A file the manifest records, read whole after checking its size, then its sha256."""
+    if not 0 < size <= MAX_INDEX_BYTES:
+        raise ValueError(f"{url}: manifest gives the {what} {size} bytes (limit {MAX_INDEX_BYTES})")
+    fs, path = filesystem(url)
+    try:
+        actual = fs.size(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url}: the manifest's {what} file is missing; rerun the ingest") from None
+    if actual != size:
+        raise ValueError(f"{url}: {what} is {actual} bytes, the manifest says {size}; rerun the ingest")
+    data = fs.cat_file(path)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{url}: {what} sha256 differs from the manifest's; rerun the ingest")
+    return data
+
+
 class ShardIndex:
     """Global sample ids -> (shard, byte range); ids number samples in manifest shard order.
 
@@ -79,6 +139,7 @@ class ShardIndex:
                 f"[{self.samples + len(counts)}] for {self.samples} samples in {len(counts)} shards; rerun the ingest"
             )
         self.offsets = offsets
+        self.digests: np.ndarray | None = None  # each sample's digest when the dataset has them
         self.base = self.first[:-1] + np.arange(len(counts))  # where shard i's run starts
         sizes = np.diff(offsets)
         # the differences that cross from one shard's end to the next shard's first start
@@ -108,12 +169,20 @@ class ShardIndex:
         return shard, self.offsets[pos], self.offsets[pos + 1]
 
 
+def _parse_table(data: bytes, where: str, what: str) -> np.ndarray:
+    """A plain .npy table, read-only over ``data``, by the shard format's bounded decoder.
+
+    np.load raises other errors for zip or empty input and allocates whatever shape is claimed.
+    """
+    try:
+        return decode_npy(data, where)
+    except ValueError as e:
+        raise ValueError(f"{where}: not a plain .npy {what} ({e}); rerun the ingest") from None
+
+
 def parse_index(data: bytes, where: str) -> np.ndarray:
     """The int64 table of ``index.npy`` bytes; anything else (object arrays, 2-D ...) refused."""
-    try:
-        table = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{where}: not a plain .npy index ({e}); rerun the ingest") from None
+    table = _parse_table(data, where, "index")
     if table.dtype != np.int64 or table.ndim != 1:
         raise ValueError(f"{where}: index is {table.dtype} {table.shape}, expected 1-D int64; rerun the ingest")
     return table
@@ -126,19 +195,7 @@ def read_index(url: str, size: int, sha256: str) -> np.ndarray:
         FileNotFoundError: The file is missing.
         ValueError: Size or digest differ from the manifest's, or it is not an int64 table.
     """
-    if not 0 < size <= MAX_INDEX_BYTES:
-        raise ValueError(f"{url}: manifest gives the index {size} bytes (limit {MAX_INDEX_BYTES})")
-    fs, path = filesystem(url)
-    try:
-        actual = fs.size(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{url}: the manifest's index is missing; rerun the ingest") from None
-    if actual != size:
-        raise ValueError(f"{url}: index is {actual} bytes, the manifest says {size}; rerun the ingest")
-    data = fs.cat_file(path)
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(f"{url}: index sha256 differs from the manifest's; rerun the ingest")
-    return parse_index(data, url)
+    return parse_index(_read_checked(url, size, sha256, "index"), url)
 
 
 def scan_shard(url: str) -> tuple[list[int], list[str]]:

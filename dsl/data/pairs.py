@@ -32,6 +32,7 @@ the shipped ResNet-50 settings. The epoch order costs O(shuffle_block) per worke
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import tarfile
@@ -46,7 +47,14 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 from dsl.contracts.config import DataConfig
 from dsl.contracts.manifest import Manifest, ShardEntry, read_manifest, select_shards
 from dsl.contracts.shard_format import DFC_CLASSES, S1_MEMBERS, S2_MEMBERS, decode_array
-from dsl.contracts.shard_index import ShardIndex, read_index, scan_shard
+from dsl.contracts.shard_index import (
+    MAX_SAMPLE_BYTES,
+    ShardIndex,
+    read_digests,
+    read_index,
+    sample_digest,
+    scan_shard,
+)
 from dsl.contracts.storage import join, register_webdataset_handlers
 
 from .dealing import EpochOrder, batches_left, crop_fractions, rank_slice
@@ -60,24 +68,76 @@ KeySelection = Mapping[str, Collection[str]]  # shard name (as in the manifest) 
 LABEL_MEMBERS = ("cls", "multi.npy")
 
 
-def _members(stream, url: str, wanted: tuple[str, ...], keys: Collection[str] | None = None) -> Iterator[dict]:
-    """Wanted regular members of a tar stream, in order, as webdataset file samples.
+def _read_exact(stream, n: int, digest) -> bytes:
+    """``n`` bytes (fewer only at the end of the stream), fed to ``digest`` when there is one."""
+    parts, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if digest is not None:
+        digest.update(data)
+    return data
 
-    Seekable streams (local files, fsspec/s3fs files) are read with one exact-size read per
-    member and unwanted members are skipped by seeking: webdataset's own tar iterator uses
-    tarfile's stream mode, whose 10 KiB chunked reads cost more than decoding the arrays.
-    ``keys`` (None: all) also skips the members of every other sample.
+
+def _members(stream, url: str, wanted: tuple[str, ...], keys: Collection[str] | None = None,
+             expect: tuple[int, str] | None = None) -> Iterator[dict]:
+    """Wanted plain-file members of a shard stream, in order, as webdataset file samples.
+
+    Headers are parsed by :func:`_ustar_member` (never tarfile: its pax parsing is quadratic,
+    CVE-2024-6232), so pax/GNU records, links and devices are refused, as are absolute or
+    ``..`` names and members over :data:`MAX_SAMPLE_BYTES`. Unwanted members, and all of the
+    samples outside ``keys`` (None: all), are skipped by seeking where the stream can.
+
+    ``expect`` = the manifest's (bytes, sha256) of the shard: then every byte is read (no
+    seeking) and hashed as it streams, and a shard of another size or digest raises at its end
+    (the members already yielded came from a shard that then failed: the caller stops).
+
+    Raises:
+        ValueError: A damaged or foreign header, a member past the end, or a size or digest
+            that differs from ``expect``; names the shard and the byte offset.
     """
-    mode = "r:" if stream.seekable() else "r|"
-    with tarfile.open(fileobj=stream, mode=mode) as tar:
-        for info in tar:
-            if info.isreg() and info.name.endswith(wanted) and (keys is None or base_plus_ext(info.name)[0] in keys):
-                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
-            tar.members = []  # streaming: forget the headers already read
+    block = tarfile.BLOCKSIZE
+    digest = hashlib.sha256() if expect is not None else None
+    seek = digest is None and stream.seekable()
+    pos = 0
+    while True:
+        header = _read_exact(stream, block, digest)
+        if len(header) < block:
+            raise ValueError(f"{url}: byte {pos}: the shard ends inside a header (truncated)")
+        pos += block
+        if header.count(0) == block:  # end-of-archive: the rest is zeros up to the record's end
+            while rest := _read_exact(stream, 1 << 20, digest):
+                pos += len(rest)
+            break
+        name, size = _ustar_member(header, url, pos - block)
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"{url}: byte {pos - block}: member name {name!r} is absolute or leaves the shard")
+        if size > MAX_SAMPLE_BYTES:
+            raise ValueError(f"{url}: byte {pos - block}: member {name} claims {size} bytes "
+                             f"(at most {MAX_SAMPLE_BYTES})")
+        padded = size + (-size % block)
+        if name.endswith(wanted) and (keys is None or base_plus_ext(name)[0] in keys):
+            data = _read_exact(stream, padded, digest)
+            if len(data) < padded:
+                raise ValueError(f"{url}: byte {pos}: member {name} runs past the end of the shard (truncated)")
+            yield {"fname": name, "data": data[:size], "__url__": url}
+        elif seek:
+            stream.seek(padded, 1)
+        elif len(_read_exact(stream, padded, digest)) < padded:
+            raise ValueError(f"{url}: byte {pos}: member {name} runs past the end of the shard (truncated)")
+        pos += padded
+    if expect is not None and (pos, digest.hexdigest()) != tuple(expect):
+        raise ValueError(f"{url}: the shard is {pos} bytes with sha256 {digest.hexdigest()[:12]}..., the manifest "
+                         f"says {expect[0]} bytes, {expect[1][:12]}... (corrupt, truncated or replaced)")
 
 
 def read_shard(
-    url: str, wanted: tuple[str, ...] = (*S1_MEMBERS, *S2_MEMBERS), keys: Collection[str] | None = None
+    url: str, wanted: tuple[str, ...] = (*S1_MEMBERS, *S2_MEMBERS), keys: Collection[str] | None = None,
+    expect: tuple[int, str] | None = None,
 ) -> Iterator[dict]:
     """Raw samples ``{"__key__", "__url__", <ext>: bytes}`` of one shard, members undecoded.
 
@@ -85,21 +145,25 @@ def read_shard(
         url: The shard.
         wanted: Member suffixes to read; others are skipped.
         keys: Samples to read (None: all); the others are skipped unread.
+        expect: The manifest's (bytes, sha256) of the shard, checked as it streams.
 
     Raises:
-        OSError: The shard cannot be opened or is not a readable tar; names the URL.
+        OSError: The shard cannot be opened; names the URL.
+        ValueError: It is not a shard of ours or not the manifest's (:func:`_members`).
     """
     try:
         stream = gopen(url, "rb")  # local paths, file:// and (registered) fsspec URLs
     except Exception as e:
         raise OSError(f"{url}: cannot open shard: {e}") from e
-    samples = group_by_keys(_members(stream, url, wanted, keys))
+    samples = group_by_keys(_members(stream, url, wanted, keys, expect))
     try:
         while True:
             try:
                 sample = next(samples)
             except StopIteration:
                 return
+            except ValueError:
+                raise
             except Exception as e:
                 raise OSError(f"{url}: cannot read shard: {e.args[0] if e.args else e!r}") from e
             yield sample
@@ -113,9 +177,12 @@ def _ustar_member(header: bytes, url: str, at: int) -> tuple[str, int]:
     Parsed by hand: tarfile's ``TarInfo.frombuf`` costs ~0.1 ms per header, a tenth of a
     128-px sample's whole decode.
     """
-    try:
-        checksum = int(header[148:156].split(b"\0", 1)[0].strip() or b"-1", 8)
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    checksum_field = header[148:156].split(b"\0", 1)[0].strip()
+    size_field = header[124:136].split(b"\0", 1)[0].strip() or b"0"
+    try:  # digits only: int() also takes a sign (a negative size loops forever), '_' and '0o'
+        if not (checksum_field or b"0").isdigit() or not size_field.isdigit():
+            raise ValueError
+        checksum, size = int(checksum_field or b"-1", 8), int(size_field, 8)
     except ValueError:
         raise ValueError(f"{url}: byte {at}: not a tar header (bad number field); the index or shard is damaged") from None
     # the checksum is the byte sum with its own field as spaces (unsigned; some writers: signed)
@@ -158,8 +225,12 @@ def split_sample(data: bytes, url: str, start: int) -> dict:
         if data_at + size > len(view):
             raise ValueError(f"{url}: byte {start + pos}: member {name} runs past its sample's index range")
         key, ext = base_plus_ext(name)
+        if key is None or ext.startswith("__"):  # "__key__", "__url__": the sample's own entries
+            raise ValueError(f"{url}: byte {start + pos}: member name {name!r} is not <key>.<ext>")
         if sample.setdefault("__key__", key) != key:
             raise ValueError(f"{url}: byte {start}: index range holds samples {sample['__key__']!r} and {key!r}")
+        if ext in sample:
+            raise ValueError(f"{url}: byte {start + pos}: member {name!r} comes twice")
         sample[ext] = view[data_at : data_at + size]
         pos = data_at + size + (-size % block)
     if "__key__" not in sample:
@@ -195,6 +266,7 @@ class Batcher:
         self.norm = Normaliser.from_manifest(manifest, cfg.normalisation, cfg.s1_bands, cfg.s2_bands)
         self.in_bands = (len(manifest.bands.s1), len(manifest.bands.s2 or []))
         self.crop, self.labels, self.raw = cfg.crop_size, labels, raw
+        self.s1_range, self.s2_range = cfg.s1_range, cfg.s2_range
 
     def _member(self, sample: dict, name: str):
         if name not in sample:
@@ -215,27 +287,61 @@ class Batcher:
         name = next((n for n in names if n in sample), names[-1])  # missing: name the plain one
         return self._decode(sample, name)
 
+    def prepare(self, sample: dict) -> dict:
+        """Decode and check a raw sample in place; the batch is built from what this leaves.
+
+        Checks: both sensors decode, fit the manifest's bands on one grid at least the crop
+        size, and hold only finite values within ``data.s1_range`` / ``s2_range`` (the whole
+        patch: a NaN outside this epoch's window is there in the next); labels parse.
+
+        Raises:
+            ValueError: The first check that fails, naming the shard, the sample and why.
+        """
+        if "__s1__" in sample:
+            return sample
+        a1, a2 = self._array(sample, S1_MEMBERS), self._array(sample, S2_MEMBERS)
+        (n1, n2), c = self.in_bands, self.crop
+        if a1.ndim != 3 or a2.ndim != 3 or a1.shape[1:] != a2.shape[1:] or (a1.shape[0], a2.shape[0]) != (n1, n2):
+            raise ValueError(
+                f"{sample['__url__']}: sample {sample['__key__']!r}: s1 {a1.shape} / s2 {a2.shape} do not "
+                f"match the manifest's [{n1}, H, W] / [{n2}, H, W] on one grid"
+            )
+        h, w = a1.shape[1:]
+        if h < c or w < c:
+            raise ValueError(
+                f"{sample['__url__']}: sample {sample['__key__']!r} is {h}x{w}, smaller than data.crop_size {c}"
+            )
+        for name, a, (low, high) in (("s1", a1, self.s1_range), ("s2", a2, self.s2_range)):
+            if a.dtype.kind not in "fiu":
+                raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r}: {name} is {a.dtype}, not numbers")
+            # min/max: one pass each, and a NaN anywhere makes them NaN, which fails both tests
+            lo, hi = a.min(), a.max()
+            if not (low <= lo and hi <= high):
+                why = "non-finite values" if a.dtype.kind == "f" and not np.isfinite(a).all() else \
+                    f"values {lo:g}..{hi:g} outside data.{name}_range [{low:g}, {high:g}]"
+                raise ValueError(f"{sample['__url__']}: sample {sample['__key__']!r}: {name} has {why}")
+        sample["__s1__"], sample["__s2__"] = a1, a2
+        if self.labels:
+            sample["__labels__"] = self._labels(sample)
+        return sample
+
     def __call__(self, raw: list[dict], windows: np.ndarray | None) -> dict:
-        """The batch ``{"s1", "s2", "key"[, "cls", "multi"]}``; ``windows`` None: centre crops."""
+        """The batch ``{"s1", "s2", "key"[, "cls", "multi"]}``; ``windows`` None: centre crops.
+
+        Raises:
+            ValueError: A sample fails :meth:`prepare`'s checks.
+        """
         n, c = len(raw), self.crop
-        (c1, c2), (n1, n2) = self.norm.channels, self.in_bands
+        c1, c2 = self.norm.channels
         dtypes = RAW_DTYPES if self.raw else (torch.float32, torch.float32)
         t1, t2 = _empty((n, c1, c, c), dtypes[0]), _empty((n, c2, c, c), dtypes[1])
         s1, s2 = t1.numpy(), t2.numpy()
         cls = np.empty(n, dtype=np.int64)
         multi = np.empty((n, len(DFC_CLASSES)), dtype=np.float32)
         for i, sample in enumerate(raw):
-            a1, a2 = self._array(sample, S1_MEMBERS), self._array(sample, S2_MEMBERS)
-            if a1.ndim != 3 or a2.ndim != 3 or a1.shape[1:] != a2.shape[1:] or (a1.shape[0], a2.shape[0]) != (n1, n2):
-                raise ValueError(
-                    f"{sample['__url__']}: sample {sample['__key__']!r}: s1 {a1.shape} / s2 {a2.shape} do not "
-                    f"match the manifest's [{n1}, H, W] / [{n2}, H, W] on one grid"
-                )
+            self.prepare(sample)
+            a1, a2 = sample["__s1__"], sample["__s2__"]
             h, w = a1.shape[1:]
-            if h < c or w < c:
-                raise ValueError(
-                    f"{sample['__url__']}: sample {sample['__key__']!r} is {h}x{w}, smaller than data.crop_size {c}"
-                )
             if windows is None:  # evaluation: centre crop
                 y, x = (h - c) // 2, (w - c) // 2
             else:
@@ -248,7 +354,7 @@ class Batcher:
                 self.norm.s1(a1[:, y : y + c, x : x + c], out=s1[i])
                 self.norm.s2(a2[:, y : y + c, x : x + c], out=s2[i])
             if self.labels:
-                cls[i], multi[i] = self._labels(sample)
+                cls[i], multi[i] = sample["__labels__"]
         batch = {"s1": t1, "s2": t2, "key": [s["__key__"] for s in raw]}
         if self.labels:
             batch["cls"], batch["multi"] = torch.from_numpy(cls), torch.from_numpy(multi)
@@ -292,7 +398,13 @@ def load_index(manifest: Manifest, shards_url: str, shards: list[ShardEntry]) ->
                       [s.bytes for s in manifest.shards])
     where = {s.name: i for i, s in enumerate(manifest.shards)}
     runs = [full.offsets[full.base[where[s.name]] : full.base[where[s.name]] + s.samples + 1] for s in shards]
-    return ShardIndex([s.samples for s in shards], np.concatenate(runs), url, [s.bytes for s in shards])
+    index = ShardIndex([s.samples for s in shards], np.concatenate(runs), url, [s.bytes for s in shards])
+    if manifest.digests is not None:
+        ref = manifest.digests
+        table = read_digests(join(shards_url, ref.name), ref.bytes, ref.sha256, full.samples)
+        index.digests = np.concatenate([table[full.first[where[s.name]] : full.first[where[s.name]] + s.samples]
+                                        for s in shards])
+    return index
 
 
 class SampleStream(IterableDataset):
@@ -332,7 +444,10 @@ class SampleStream(IterableDataset):
         self.block, self.workers, self.epoch, self.start, self.epochs = cfg.shuffle_block, max(1, cfg.loader_workers), \
             epoch, start_sample, epochs
         self.retry = (cfg.read_retries, cfg.read_backoff_s, cfg.read_max_backoff_s)
+        self.sizes = {url: s.bytes for url, s in zip(self.urls, shards, strict=True)}
         self.batcher = Batcher(cfg, manifest, labels, raw)
+        self._bad_ids: set[int] = set()  # samples found bad (per worker): never stand-ins
+        self._warned: dict[str, int] = {}  # warnings per shard URL
         if batches_left(self.length, 0, world_size, cfg.batch_size) == 0:
             raise ValueError(
                 f"data.batch_size {cfg.batch_size} x {world_size} ranks exceeds the {self.length} samples "
@@ -351,7 +466,7 @@ class SampleStream(IterableDataset):
         w, n = (info.id, info.num_workers) if info else (0, 1)
         if n != self.workers:
             raise RuntimeError(f"stream built for {self.workers} workers runs in {n}; use make_loader")
-        reader = RangeReader(*self.retry)
+        reader = RangeReader(*self.retry, sizes=self.sizes)
         try:
             for epoch, order, ids in self.batch_ids(w, n):
                 yield self._batch(reader, order, ids, epoch)
@@ -373,29 +488,58 @@ class SampleStream(IterableDataset):
                 k += 1
             epoch, start = epoch + 1, 0
 
+    def _load(self, reader: RangeReader, sample_id: int, shard: int, begin: int, end: int) -> dict | str:
+        """One sample read, checked and decoded; or why not: ``"unavailable"`` or ``"bad"``.
+
+        Unavailable: its shard cannot be read (missing, truncated, failing after retries). Bad:
+        its bytes differ from their digest, or it does not decode or pass the checks of
+        :meth:`Batcher.prepare`. Either is logged naming the shard (the first few per shard).
+        """
+        url = self.urls[shard]
+        try:
+            data = reader.read(url, begin, end)
+        except ShardUnavailable as e:
+            self._warn(url, "skipping samples of an unavailable shard: %s", e)
+            return "unavailable"
+        try:
+            if self.index.digests is not None and sample_digest(data) != int(self.index.digests[sample_id]):
+                raise ValueError(f"{url}: bytes [{begin}, {end}) differ from the sample's digest in the manifest's "
+                                 "digests (corrupt or replaced shard)")
+            return self.batcher.prepare(split_sample(data, url, begin))
+        except ValueError as e:  # every check and decoder raises ValueError, naming what failed
+            self._warn(url, "dropping a bad sample: %s", e)
+            return "bad"
+
+    def _warn(self, url: str, message: str, error: Exception) -> None:
+        n = self._warned[url] = self._warned.get(url, 0) + 1
+        if n <= 3 or n & (n - 1) == 0:  # the first three of a shard, then the 4th, 8th, 16th ...
+            log.warning(message + (f" ({n} so far in this shard)" if n > 3 else ""), error)
+
     def _batch(self, reader: RangeReader, order: EpochOrder, ids: np.ndarray, epoch: int) -> dict:
         samples: list[dict | None] = [None] * len(ids)
         shard, begin, end = self.index.locate(ids)
+        skipped = bad = 0
         for i in np.lexsort((begin, shard)):  # shard by shard, ascending offsets: sequential reads
-            try:
-                data = reader.read(self.urls[shard[i]], int(begin[i]), int(end[i]))
-            except ShardUnavailable as e:
-                log.warning("skipping a sample of an unavailable shard: %s", e)
-                continue
-            samples[i] = split_sample(data, self.urls[shard[i]], int(begin[i]))
-        skipped = sum(s is None for s in samples)
-        if skipped:
+            got = self._load(reader, int(ids[i]), int(shard[i]), int(begin[i]), int(end[i]))
+            if got == "unavailable":
+                skipped += 1
+            elif got == "bad":
+                bad += 1
+                self._bad_ids.add(int(ids[i]))
+            else:
+                samples[i] = got
+        if skipped or bad:
             ids, samples = self._replace(reader, order, ids, samples)
         batch = self.batcher(samples, crop_fractions(ids, self.seed, epoch))
-        batch["skipped"], batch["epoch"] = skipped, epoch
+        batch["skipped"], batch["bad"], batch["epoch"] = skipped, bad, epoch
         return batch
 
     def _replace(self, reader: RangeReader, order: EpochOrder, ids: np.ndarray, samples: list):
-        """Fill the holes of unreadable samples with other readable samples of the epoch.
+        """Fill the holes of unreadable or bad samples with other good samples of the epoch.
 
-        Counted in ``skipped``: the batch keeps its size, so every rank still steps together.
-        The stand-ins are drawn by a seeded generator (the same on a rerun), never from a shard
-        that failed, never twice in the batch.
+        Counted in ``skipped`` / ``bad``: the batch keeps its size, so every rank still steps
+        together. The stand-ins are drawn by a seeded generator (the same on a rerun), never
+        from a shard that failed, never a sample found bad, never twice in the batch.
 
         Raises:
             ShardUnavailable: No stand-in found in many tries (most of the dataset is gone).
@@ -409,19 +553,21 @@ class SampleStream(IterableDataset):
                 return ids, samples
             u = int(rng.integers(self.total))
             cand = u if self.members is None else int(self.members[u])
-            if cand in taken:
+            if cand in taken or cand in self._bad_ids:
                 continue
             taken.add(cand)
             shard, begin, end = (int(a[0]) for a in self.index.locate(np.array([cand])))
-            try:
-                data = reader.read(self.urls[shard], begin, end)
-            except ShardUnavailable:
+            got = self._load(reader, cand, shard, begin, end)
+            if isinstance(got, str):
+                if got == "bad":
+                    self._bad_ids.add(cand)  # counted when its own turn in the epoch comes
                 continue
-            samples[holes[0]], ids[holes[0]] = split_sample(data, self.urls[shard], begin), cand
+            samples[holes[0]], ids[holes[0]] = got, cand
             holes.pop(0)
         if holes:
-            raise ShardUnavailable(f"{len(holes)} samples of a batch have no readable stand-in: "
-                                   f"unreadable shards {sorted(reader.bad_urls)[:3]}")
+            raise ShardUnavailable(f"{len(holes)} samples of a batch have no good stand-in in {64 * len(ids)} "
+                                   f"draws: {len(self._bad_ids)} samples found bad so far, unreadable shards "
+                                   f"{sorted(reader.bad_urls)[:3]} (see the warnings above)")
         return ids, samples
 
 
@@ -480,6 +626,8 @@ class EvalStream(IterableDataset):
         self.rank, self.workers, self.batch_size = rank, max(1, cfg.loader_workers), cfg.batch_size
         self.batcher = Batcher(cfg, manifest, labels, raw)
         self.wanted = (*S1_MEMBERS, *S2_MEMBERS, *(LABEL_MEMBERS if labels else ()))
+        # each shard's size and sha256 from the manifest, checked as it streams (when known)
+        self.expect = [(s.bytes, s.sha256) if s.bytes is not None and s.sha256 else None for s in shards]
         for url, k in zip(self.urls, self.keep, strict=True):  # else len() would count them
             if k is not None and (missing := sorted(set(k) - set(scan_shard(url)[1]))):
                 raise ValueError(f"{url}: selected keys {missing[:3]} are not in the shard")
@@ -503,7 +651,7 @@ class EvalStream(IterableDataset):
         idx, stride, offset = self.slots[self.rank * self.workers + w]
         raw: list[dict] = []
         for i in idx:
-            for j, sample in enumerate(read_shard(self.urls[i], self.wanted, self.keep[i])):
+            for j, sample in enumerate(read_shard(self.urls[i], self.wanted, self.keep[i], self.expect[i])):
                 if j % stride != offset:
                     continue
                 raw.append(sample)

@@ -19,7 +19,7 @@ import http.client
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import fsspec
@@ -103,7 +103,8 @@ class RangeReader:
     def __init__(self, retries: int, backoff_s: float, max_backoff_s: float,
                  sleep: Callable[[float], None] = time.sleep, *, max_open: int = 8,
                  seed: int | None = None,
-                 filesystem: Callable[[str], tuple[fsspec.AbstractFileSystem, str]] = default_filesystem):
+                 filesystem: Callable[[str], tuple[fsspec.AbstractFileSystem, str]] = default_filesystem,
+                 sizes: Mapping[str, int | None] | None = None):
         """Set up a reader; nothing is opened until the first read.
 
         Args:
@@ -117,6 +118,8 @@ class RangeReader:
                 [cap / 2, cap] of its capped exponential value, so that many workers hitting one
                 throttled store do not retry in lockstep.
             filesystem: ``url -> (fsspec filesystem, path)``; tests point it at a proxy.
+            sizes: The size each URL must have (the manifest's shard sizes): an object of
+                another size (truncated, replaced) is unavailable for the job, not read.
 
         Raises:
             ValueError: A negative count or wait, or ``max_open`` < 1.
@@ -126,6 +129,7 @@ class RangeReader:
                              f"({max_backoff_s}) must be >= 0 and max_open ({max_open}) >= 1")
         self.retries, self.backoff_s, self.max_backoff_s = retries, backoff_s, max_backoff_s
         self.sleep, self.max_open, self.seed, self.filesystem = sleep, max_open, seed, filesystem
+        self.sizes = dict(sizes or {})
         self.rng = random.Random(seed)
         self.retried = 0
         self.failed_reads = 0
@@ -178,6 +182,10 @@ class RangeReader:
             try:
                 f, size = self._handle(url)
                 pos = start + len(got)  # a retry continues after the bytes already received
+                expected = self.sizes.get(url)
+                if expected is not None and size is not None and size != expected:
+                    raise ShardUnavailable(f"{where}: the shard is {size} bytes, the manifest says {expected} "
+                                           "(truncated or replaced)", url, start, end)
                 if size is not None and end > size:
                     raise ShardUnavailable(f"{where}: range ends beyond the object's {size} bytes",
                                            url, start, end)
@@ -222,6 +230,8 @@ class RangeReader:
         # no read-ahead cache: a read transfers just its range (s3fs would fetch 50 MB blocks)
         f = fs.open(path, "rb", cache_type="none")
         size = getattr(f, "size", None)
+        if not isinstance(size, int) and self.sizes.get(url) is not None:
+            size = fs.size(path)  # local files: one stat, so a truncated shard is caught before a read
         self._open[url] = (f, size if isinstance(size, int) else None)
         while len(self._open) > self.max_open:
             self._close_one(self._open.popitem(last=False)[1][0])

@@ -27,6 +27,7 @@ from dsl.contracts.config import Config, FinetuneConfig, OptimConfig
 from dsl.contracts.manifest import Manifest, read_manifest
 from dsl.contracts.model_card import ModelCard
 from dsl.data import make_loader
+from dsl.data.bad_samples import BadSampleBudget
 from dsl.finetune import metrics as M
 from dsl.finetune.models import build_finetune_model
 from dsl.runtime.checkpoint import load_state, local_copy, save_state
@@ -124,16 +125,22 @@ def run_cell(cfg: Config, manifest: dict, cell: dict, rank: int, world: int, dev
     # the cell's result, logged once at the end, is not
     logger = MetricLogger(cfg, cell["run_id"] if rank == 0 else None)
     t0 = time.perf_counter()
+    budget = BadSampleBudget(data.max_bad_fraction, per_epoch)
     for epoch in range(epochs):
         engine.train()
         total, n = 0.0, 0
         for batch in make_loader(data, rank, world, epoch=epoch, labels=True, keys=keys, manifest=norm_manifest):
+            budget.add(batch)
             logits = engine(batch["s1"].to(device, dtype), batch["s2"].to(device, dtype))
             loss = _loss(ft.task, logits, batch)
             engine.backward(loss)
             engine.step()
             total, n = total + loss.item(), n + 1
-        logger.log({"train_loss": mean_across_ranks(total / max(n, 1))}, epoch)
+        # every rank sums the same counts, so all stop at the same epoch or none does
+        planned, bad, skipped = all_reduce(torch.tensor(budget.counts(), dtype=torch.float64)).tolist()
+        logger.log({"train_loss": mean_across_ranks(total / max(n, 1)), "data_bad_samples": bad,
+                    "data_skipped_samples": skipped}, epoch)
+        budget.check(planned, bad, skipped)
     logger.close()
     train_s = time.perf_counter() - t0
     counts = test_counts(engine, data, norm_manifest, ft, rank, world, device, dtype, (s1_chans, s2_chans))

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 import pytest
 
-from dsl.contracts.shard_index import scan_offsets
+from dsl.contracts.shard_index import sample_digest, scan_offsets
 from ingest.sources.base import Pair
 from ingest.writer import BLOCK, RECORD, ShardWriter, npy_chunks, sample_members, write_text_atomic
 
@@ -73,8 +73,10 @@ def members(sizes: dict[str, int]) -> list[tuple[str, list]]:
 def check_tar(path: Path, info: dict, sizes: dict[str, int], samples: int) -> None:
     data = path.read_bytes()
     info = dict(info)
-    offsets = info.pop("offsets")
+    offsets, digests = info.pop("offsets"), info.pop("digests")
     assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "samples": samples}
+    # each sample's digest is of exactly its index range: what a loader's range read gets
+    assert digests == [sample_digest(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
     # the recorded offsets are where tar's own reader finds each sample, and the last one's end
     assert offsets == scan_offsets(str(path)) and len(offsets) == samples + 1
     assert offsets[-1] == len(data.rstrip(b"\0")) + -len(data.rstrip(b"\0")) % 512
@@ -154,7 +156,7 @@ def test_object_store_shard_is_one_put_from_a_local_temp(memfs):
     assert not os.path.exists(w.tmp_path) and set(os.listdir(tempfile.gettempdir())) == before
     data = memfs.cat_file("/bucket/ds/pairs-000001.tar")
     assert info == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "samples": 1,
-                    "offsets": [0, 1024]}
+                    "offsets": [0, 1024], "digests": [sample_digest(data[:1024])]}
     assert len(data) == RECORD and data[2 * BLOCK:] == b"\0" * (RECORD - 2 * BLOCK)  # one member, then zeros
     w = ShardWriter("memory://bucket/ds/pairs-000002.tar")
     w.abort()

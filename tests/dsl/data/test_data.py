@@ -7,6 +7,7 @@ batches can be checked value by value).
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -363,7 +364,22 @@ def test_corrupt_member_names_shard_and_key(tmp_path):
 
     root = write_dataset(tmp_path / "bad", [4], members=garble)
     with pytest.raises(ValueError, match=rf"{root}/pairs-000000.tar: sample 'loc0002': s2.npy"):
-        all_batches(cfg_for(root, batch_size=4))
+        all_batches(cfg_for(root, batch_size=4), train=False)
+
+
+def test_training_drops_a_corrupt_sample_counts_and_names_it(tmp_path, caplog):
+    def garble(idx, members):
+        if idx == 2:  # loc0002: truncated S2 array
+            members[1] = (members[1][0], members[1][1][:200])
+        return members
+
+    root = write_dataset(tmp_path / "bad", [4], members=garble)
+    with caplog.at_level("WARNING", logger="dsl.data.pairs"):
+        batches = all_batches(cfg_for(root, batch_size=2))
+    keys = [k for b in batches for k in b["key"]]
+    assert len(keys) == 4 and "loc0002" not in keys and len(set(keys)) == 3  # a stand-in repeats one
+    assert sum(b["bad"] for b in batches) == 1 and sum(b["skipped"] for b in batches) == 0
+    assert re.search(rf"dropping a bad sample: {root}/pairs-000000.tar: sample 'loc0002': s2.npy", caplog.text)
 
 
 def test_pickled_member_is_refused(tmp_path):
@@ -385,7 +401,8 @@ def test_truncated_shard_names_url(tmp_path):
     root = write_dataset(tmp_path / "cut", [4])
     shard = Path(root) / "pairs-000000.tar"
     shard.write_bytes(shard.read_bytes()[:60_000])  # cut inside the second sample
-    with pytest.raises(OSError, match=rf"{shard}: cannot read shard"):
+    with pytest.raises(ValueError, match=rf"{shard}: byte \d+: member loc0001\.s2\.npy runs past the end of the shard "
+                       r"\(truncated\)"):
         all_batches(cfg_for(root, batch_size=2), train=False)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import re
 import tarfile
 from collections import Counter
@@ -259,8 +260,8 @@ def test_evaluation_reads_only_the_wanted_members(ds, monkeypatch):
     seen = []
     read_shard = P.read_shard
 
-    def spy(url, wanted, keys=None):
-        for sample in read_shard(url, wanted, keys):
+    def spy(url, wanted, keys=None, expect=None):
+        for sample in read_shard(url, wanted, keys, expect):
             seen.append(frozenset(k for k in sample if not k.startswith("__")))
             yield sample
 
@@ -295,22 +296,65 @@ class NonSeekable(io.RawIOBase):
         super().close()
 
 
-def test_read_shard_streams_a_pipe_and_skips_folders(tmp_path, ds, monkeypatch):
+def test_read_shard_streams_a_pipe_and_refuses_other_member_types(tmp_path, ds, monkeypatch):
     shard = str(Path(ds["three"]) / "pairs-000002.tar")
     want = [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in P.read_shard(shard)]
     assert want == [(f"loc{i:04d}", ["s1.npy", "s2.npy"]) for i in range(16, 21)]  # the default members
     monkeypatch.setattr(P, "gopen", lambda url, mode: NonSeekable(url))
     assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in P.read_shard(shard)] == want
     monkeypatch.undo()
-    with_dir = tmp_path / "dir.tar"
-    with tarfile.open(shard) as src, tarfile.open(with_dir, "w") as dst:
-        d = tarfile.TarInfo("loc0016.s1.npy.d")
-        d.type = tarfile.DIRTYPE
-        dst.addfile(d)
+    for kind, extra in [(tarfile.DIRTYPE, {}), (tarfile.SYMTYPE, {"linkname": "/etc/passwd"}),
+                        (tarfile.LNKTYPE, {"linkname": "loc0016.s2.npy"}), (tarfile.CHRTYPE, {})]:
+        other = tmp_path / f"other-{kind.decode()}.tar"
+        with tarfile.open(shard) as src, tarfile.open(other, "w", format=tarfile.USTAR_FORMAT) as dst:
+            d = tarfile.TarInfo("loc0016.s1.npy.x")
+            d.type = kind
+            for k, v in extra.items():
+                setattr(d, k, v)
+            dst.addfile(d)
+            for m in src.getmembers():
+                dst.addfile(m, src.extractfile(m))
+        with pytest.raises(ValueError) as e:  # never skipped silently, never followed
+            list(P.read_shard(str(other), ("s1.npy", "json")))
+        assert str(e.value) == f"{other}: byte 0: member type {kind!r} is not a plain file"
+
+
+def test_read_shard_refuses_pax_names_and_huge_members(tmp_path, ds):
+    shard = Path(ds["three"]) / "pairs-000002.tar"
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(shard) as src, tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as dst:
+        big = tarfile.TarInfo("loc0016.s1.npy.x")
+        big.pax_headers = {"comment": "x" * 200_000}  # the CVE-2024-6232 shape: refused unparsed
+        dst.addfile(big, io.BytesIO(b""))
         for m in src.getmembers():
             dst.addfile(m, src.extractfile(m))
-    got = list(P.read_shard(str(with_dir), ("s1.npy", "json")))
-    assert [sorted(k for k in s if not k.startswith("__")) for s in got] == [["json", "s1.npy"]] * 5
+    with pytest.raises(ValueError, match=rf"{pax}: byte 0: member type b'x' is not a plain file"):
+        list(P.read_shard(str(pax)))
+    for name in ("/abs/loc0016.s1.npy", "../up/loc0016.s1.npy", "a/../../loc0016.s1.npy"):
+        bad = tmp_path / "name.tar"
+        with tarfile.open(bad, "w", format=tarfile.USTAR_FORMAT) as dst:
+            dst.addfile(tarfile.TarInfo(name), io.BytesIO(b""))
+        with pytest.raises(ValueError) as e:
+            list(P.read_shard(str(bad)))
+        assert str(e.value) == f"{bad}: byte 0: member name {name!r} is absolute or leaves the shard"
+    huge = tmp_path / "huge.tar"
+    info = tarfile.TarInfo("k.s1.npy")
+    info.size = P.MAX_SAMPLE_BYTES + 1
+    huge.write_bytes(info.tobuf(tarfile.USTAR_FORMAT) + b"\0" * 1024)  # claims 256 MB, holds none
+    with pytest.raises(ValueError) as e:
+        list(P.read_shard(str(huge)))
+    assert str(e.value) == f"{huge}: byte 0: member k.s1.npy claims {P.MAX_SAMPLE_BYTES + 1} bytes (at most {P.MAX_SAMPLE_BYTES})"
+
+
+def test_read_shard_checks_the_manifest_size_and_sha256_as_it_streams(ds):
+    shard = Path(ds["three"]) / "pairs-000002.tar"
+    data = shard.read_bytes()
+    good = (len(data), hashlib.sha256(data).hexdigest())
+    assert len(list(P.read_shard(str(shard), expect=good))) == 5
+    for expect in ((len(data) + 512, good[1]), (len(data), "0" * 64)):
+        with pytest.raises(ValueError, match=rf"{shard}: the shard is {len(data)} bytes with sha256 "
+                                             r"[0-9a-f]{12}\.\.\., the manifest says .* \(corrupt, truncated or replaced\)"):
+            list(P.read_shard(str(shard), expect=expect))
 
 
 def test_read_shard_errors_name_the_shard(tmp_path, monkeypatch):
@@ -320,9 +364,13 @@ def test_read_shard_errors_name_the_shard(tmp_path, monkeypatch):
         info.size = 10_000
         tar.addfile(info, io.BytesIO(b"\1" * 10_000))
     cut.write_bytes(cut.read_bytes()[:3000])
-    with pytest.raises(OSError) as e:
+    with pytest.raises(ValueError) as e:
         list(P.read_shard(str(cut), ("s1.npy",)))
-    assert str(e.value) == f"{cut}: cannot read shard: 'unexpected end of data'"
+    assert str(e.value) == f"{cut}: byte 512: member k.s1.npy runs past the end of the shard (truncated)"
+    cut.write_bytes(cut.read_bytes()[:300])
+    with pytest.raises(ValueError) as e:
+        list(P.read_shard(str(cut), ("s1.npy",)))
+    assert str(e.value) == f"{cut}: byte 0: the shard ends inside a header (truncated)"
 
     def no_args(_):
         raise EOFError
@@ -430,17 +478,38 @@ def test_missing_and_corrupt_members(tmp_path):
     a = write_dataset(tmp_path / "a", [3], members=drop_s2)
     b = write_dataset(tmp_path / "b", [3], members=bad_member(".s1.npy", b""))
     c = write_dataset(tmp_path / "c", [3], members=bad_member(".s1.npy", encode_npy(np.zeros(3))[:-9]))
-    for train in (False, True):  # whole-shard reads and range reads name the same shard and sample
+    def message(root) -> str:
+        """Evaluation stops at a bad sample; training drops it and logs the same message."""
         with pytest.raises(ValueError) as e:
-            all_batches(cfg_for(a), train=train)
-        assert str(e.value) == f"{a}/pairs-000000.tar: sample 'loc0001' has no member s2.npy"
-        with pytest.raises(ValueError) as e:
-            all_batches(cfg_for(b), train=train)
-        assert re.fullmatch(re.escape(f"{b}/pairs-000000.tar: sample 'loc0001': s1.npy: corrupt .npy (") + r".+\)",
-                            str(e.value)), str(e.value)
-        with pytest.raises(ValueError) as e:  # the reader's own message stands
-            all_batches(cfg_for(c), train=train)
-        assert str(e.value).startswith(f"{c}/pairs-000000.tar: sample 'loc0001': s1.npy: not a plain numeric .npy (")
+            all_batches(cfg_for(root), train=False)
+        handler = Records()
+        logging.getLogger("dsl.data.pairs").addHandler(handler)
+        try:
+            batches = all_batches(cfg_for(root, batch_size=1))
+        finally:
+            logging.getLogger("dsl.data.pairs").removeHandler(handler)
+        assert sorted(b["bad"] for b in batches) == [0, 0, 1] and all(b["skipped"] == 0 for b in batches)
+        assert "loc0001" not in [k for b in batches for k in b["key"]]
+        (logged,) = handler.messages
+        assert logged == "dropping a bad sample: " + str(e.value)
+        return str(e.value)
+
+    assert message(a) == f"{a}/pairs-000000.tar: sample 'loc0001' has no member s2.npy"
+    got = message(b)
+    assert re.fullmatch(re.escape(f"{b}/pairs-000000.tar: sample 'loc0001': s1.npy: corrupt .npy (") + r".+\)", got), got
+    # the reader's own message stands
+    assert message(c).startswith(f"{c}/pairs-000000.tar: sample 'loc0001': s1.npy: not a plain numeric .npy (")
+
+
+class Records(logging.Handler):
+    """Collects formatted warnings (works in DataLoader worker processes' parent too)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def test_label_members_are_checked(tmp_path):
@@ -582,7 +651,8 @@ def test_a_batch_without_readable_stand_ins_gives_up_after_64_draws_per_sample(t
     with pytest.raises(P.ShardUnavailable) as e:
         next(iter(s))
     urls = sorted(str(root / f"pairs-{n:06d}.tar") for n in range(5))
-    assert str(e.value) == f"2 samples of a batch have no readable stand-in: unreadable shards {urls[:3]}"
+    assert str(e.value) == (f"2 samples of a batch have no good stand-in in 128 draws: 0 samples found bad so far, "
+                            f"unreadable shards {urls[:3]} (see the warnings above)")
     assert len(draws) == 64 * 2
 
 
@@ -676,7 +746,7 @@ def test_unreadable_samples_are_logged_and_only_they_are_replaced(tmp_path, capl
         batches = list(stream(cfg_for(str(root), batch_size=4, read_retries=0)))
     assert sum(b["skipped"] for b in batches) == 4  # loc0004-0007 only, whatever the batch's shard order
     said = {r.getMessage() for r in caplog.records}
-    assert said and all(m.startswith(f"skipping a sample of an unavailable shard: {root / 'pairs-000001.tar'} ")
+    assert said and all(m.startswith(f"skipping samples of an unavailable shard: {root / 'pairs-000001.tar'} ")
                         for m in said)
 
 
