@@ -55,6 +55,8 @@ def seconds(text: str) -> float:
         ConfigError: Not such a duration.
     """
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if not isinstance(text, str):  # argparse hands "--every=--" over as [] (it drops the "--")
+        text = " ".join(map(str, text)) if isinstance(text, list) else str(text)
     try:
         value = float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
     except (ValueError, IndexError):

@@ -213,12 +213,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(command, args)
         return int(resolve(command.run)(cfg, args) or 0)
-    except ConfigError as e:
-        return _fail(command.name, "config error", e, 2)
-    except (JobFailed, TimeoutError) as e:
-        return _fail(command.name, "error", e, 1)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError) as e:
-        return _fail(command.name, "error", e, 2)
+    except Exception as e:
+        cause = _cause(e)
+        if isinstance(cause, ConfigError):
+            return _fail(command.name, "config error", cause, 2)
+        if isinstance(cause, (JobFailed, TimeoutError)):
+            return _fail(command.name, "error", cause, 1)
+        if isinstance(cause, (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError)):
+            return _fail(command.name, "error", cause, 2)
+        raise  # not an input or a job failure: a bug, whose traceback is wanted
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The error to report: a Ray task's own error, an unreachable store as one line.
+
+    Ray re-raises a task's error as ``RayTaskError(<its type>)``, an instance of both whose
+    text is the remote traceback; its ``cause`` is the task's error itself. Checked by name,
+    so the CLI never imports Ray.
+    """
+    seen = 0
+    while type(e).__name__.startswith("RayTaskError") and getattr(e, "cause", None) is not None and seen < 10:
+        e, seen = e.cause, seen + 1
+    from dsl.contracts.storage import storage_error  # fsspec only: no s3fs, no Ray
+
+    return storage_error(e) or e
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from dsl.contracts.shard_format import (
     hashed_shard_path,
     shard_name,
 )
-from dsl.contracts.shard_index import scan_offsets, write_index
-from dsl.contracts.storage import filesystem, is_local, join
+from dsl.contracts.shard_index import scan_offsets, write_digests, write_index
+from dsl.contracts.storage import check_url, filesystem, is_local, join
 from ingest.raster import BadInput
 from ingest.sources import BadRecord, PairItem, get_source
 from ingest.stats import BandStats
@@ -122,6 +122,7 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     writer = ShardWriter(join(cfg.output, part.path))
     s1_stats = BandStats(len(S1_BANDS), integer=False)
     s2_stats, s2_bands, bad, keys = None, None, [], []
+    patch_min: list[int] | None = None  # [H, W] of the smallest sample: what a crop may not exceed
     try:
         for item in part.items:
             try:
@@ -138,6 +139,8 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
                     bad.append(BadRecord(pair.key, pair.meta["s2_file"], f"band set {bands} differs from {s2_bands}"))
                     continue
                 writer.add(sample_members(pair, part.split, cfg.encoding))
+                h, w = pair.s1.shape[-2:]
+                patch_min = [int(h), int(w)] if patch_min is None or min(h, w) < min(patch_min) else patch_min
                 s1_stats.update(pair.s1)
                 s2_stats.update(pair.s2)
                 keys.append(pair.key)
@@ -156,11 +159,15 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
         "bad": [b.as_dict() for b in bad],
         "items": len(part.items),
         "s2_bands": s2_bands,
+        "patch_min": patch_min,
         "stats": {"s1": s1_stats.to_json(), "s2": s2_stats.to_json() if s2_stats else None},
     }
     write_text_atomic(join(cfg.output, PARTS, part.shard + ".json"), json.dumps(sidecar))
     return {"shard": part.shard, "samples": len(keys), "bad": len(bad), "items": len(part.items),
             "seconds": time.perf_counter() - t0}
+
+
+PROBE_ITEMS = 64  # headers tried for the shard size before the input is called unreadable
 
 
 def items_per_shard(source, items: list[PairItem], shard_size_mb: float) -> int:
@@ -169,12 +176,21 @@ def items_per_shard(source, items: list[PairItem], shard_size_mb: float) -> int:
     A broken file is quarantined by its partition like any other: it must not stop the run
     because it sorts first. The result depends only on the input, so a rerun plans the same.
     When no header reads at all, every item gets its own partition (and its quarantine line).
+
+    Raises:
+        IngestError: None of the first :data:`PROBE_ITEMS` items reads (of more than that):
+            a wrong input, such as a table of garbage, would otherwise be read item by item
+            (a task each) only to be quarantined whole.
     """
-    for item in items:
+    first = None
+    for item in items[:PROBE_ITEMS]:
         try:
             return max(1, int(shard_size_mb * 1e6 // source.estimate_bytes(item)))
-        except BadInput:
-            continue
+        except BadInput as e:
+            first = first or e
+    if len(items) > PROBE_ITEMS:
+        raise IngestError(f"none of the first {PROBE_ITEMS} of {len(items)} inputs reads (the first: {first}); "
+                          "is --input the right dataset?")
     return 1
 
 
@@ -263,7 +279,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
     # Merge sidecars (the committed truth) into the manifest.
     shards, bad, keys = [], [b.as_dict() for b in listing_bad], []
     s1_stats = BandStats(len(S1_BANDS), integer=False)
-    s2_stats, s2_bands = None, None
+    s2_stats, s2_bands, patch_min = None, None, None
     for p in parts:
         side = _read_json(join(cfg.output, PARTS, p.shard + ".json"))
         if side is None:
@@ -275,6 +291,9 @@ def ingest(cfg: IngestConfig) -> Manifest:
             s2_bands = s2_bands or side["s2_bands"]
             if side["s2_bands"] != s2_bands:
                 raise IngestError(f"{p.shard}: S2 bands {side['s2_bands']} differ from {s2_bands} in other shards")
+            low = side.get("patch_min")  # sidecars written before it have none: then unknown
+            if low and (patch_min is None or min(low) < min(patch_min)):
+                patch_min = low
             if p.split in (None, "train") or cfg.val_fraction == 0:
                 s1_stats.merge(BandStats.from_json(side["stats"]["s1"]))
                 part_s2 = BandStats.from_json(side["stats"]["s2"])
@@ -283,6 +302,9 @@ def ingest(cfg: IngestConfig) -> Manifest:
     # before the index: read from the shard's headers), the manifest keeps only the index file's
     # name, size and digest.
     offsets = [s.pop("offsets", None) or scan_offsets(join(cfg.output, s["name"])) for s in shards]
+    # Sample digests (what a loader checks each sample's bytes against): from the sidecars; one
+    # written before digests existed leaves the dataset without them (its samples unchecked).
+    digests = [s.pop("digests", None) for s in shards]
     if len(keys) != len(set(keys)):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise IngestError(f"duplicate sample keys across shards: {dup}")
@@ -299,6 +321,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
         )
 
     index = write_index(cfg.output, offsets) if shards else None  # before the manifest commits it
+    sample_digests = write_digests(cfg.output, digests) if shards and all(d is not None for d in digests) else None
     splits = {}
     for s in shards:
         splits.setdefault(s["split"] or "all", 0)
@@ -325,6 +348,8 @@ def ingest(cfg: IngestConfig) -> Manifest:
         "seconds": round(time.time() - t0, 3),
         "task_seconds": round(task_seconds, 3),  # busy time of this run's partition tasks
         "index": index,
+        "digests": sample_digests,
+        "patch_min": patch_min,
     })
     write_text_atomic(join(cfg.output, MANIFEST), manifest.to_json())
     return manifest
@@ -334,6 +359,9 @@ def command(cfg: Config, args: argparse.Namespace) -> int:
     """``dsl ingest``: run the ingest of ``cfg.ingest`` and print what it wrote."""
     if not cfg.ingest.input:
         raise ConfigError("ingest.input is required (--input PATH_OR_URL)")
+    # before anything is listed or written: "s3://" alone would become a local folder "s3:"
+    check_url(cfg.ingest.input, "ingest.input")
+    check_url(cfg.ingest.output, "ingest.output")
     m = ingest(cfg.ingest)
     print(f"wrote {m.samples} pairs in {len(m.shards)} shards ({m.samples_by_split}), {m.bad} quarantined, "
           f"to {cfg.ingest.output}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 import uuid
@@ -32,10 +31,10 @@ from pathlib import Path
 
 from dsl.contracts.config import Config, FinetuneConfig, dump_config
 from dsl.contracts.manifest import Manifest, manifest_sha256, read_manifest
-from dsl.contracts.model_card import load_card
 from dsl.contracts.provenance import code_version
 from dsl.contracts.shard_format import MANIFEST
 from dsl.contracts.storage import join
+from dsl.data.checks import check_crop
 from dsl.runtime.trainer import resolve_paths, start_ray
 
 
@@ -106,19 +105,18 @@ def _check_backbones(cfg: Config, cells: list[Cell], manifest: Manifest) -> dict
     ``scale.max_failures`` times.
     """
     from dsl.finetune.loop import backbone_inputs
-    from dsl.registry import download
+    from dsl.registry import fetched, read_version
 
     backbones: dict[str, dict] = {}
     for c in cells:
         if c.ft.method != "dual" or c.ft.backbone in backbones:
             continue
         b = backbones[c.ft.backbone] = resolve_backbone(c.ft.backbone, cfg.mlflow.tracking_uri)
-        folder = download(b["pinned"], cfg.mlflow.tracking_uri)
-        try:
-            backbone_inputs(cfg, manifest, load_card(folder))
-        finally:
-            if str(folder) != b["pinned"]:  # a fetched copy, not the user's folder
-                shutil.rmtree(folder, ignore_errors=True)
+        # every check short of building the model (card, weights header, shapes), on the copy
+        # fetched for it, which is removed on every path
+        with fetched(b["pinned"], cfg.mlflow.tracking_uri) as folder:
+            _, card = read_version(folder, b["pinned"])
+        backbone_inputs(cfg, manifest, card)
     return backbones
 
 
@@ -151,6 +149,7 @@ def run_cells(cfg: Config, cells: list[Cell], job: str | None = None, parent_run
     cfg = resolve_paths(cfg)
     job = job or f"{cfg.scale.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     manifest = read_manifest(cfg.data.shards)
+    check_crop(cfg.data, manifest)  # before any worker starts: else every worker fails on its first sample
     sha = manifest_sha256(cfg.data.shards)
     backbones = _check_backbones(cfg, cells, manifest)
     table = read_labels(cfg.data.shards, cfg.data.split, manifest)

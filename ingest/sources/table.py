@@ -21,6 +21,8 @@ from dsl.contracts.shard_format import S2_L1C_BANDS, S2_L2A_BANDS
 from ingest.raster import BadInput, raster_shape, read_raster
 from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
+COLUMNS = ("s1", "s2", "id", "location", "label")
+
 
 def _clean(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-]", "_", text)
@@ -46,13 +48,24 @@ class PairTableSource(Source):
         Raises:
             ValueError: The table has no ``s1`` or no ``s2`` column.
         """
-        with fsspec.open(input_url, "rb") as f:
-            table = pd.read_parquet(f) if input_url.endswith((".parquet", ".pq")) else pd.read_csv(f, dtype=str)
+        parquet = input_url.endswith((".parquet", ".pq"))
+        try:
+            with fsspec.open(input_url, "rb") as f:
+                # only the columns used: a wide table costs no more memory than a narrow one
+                table = pd.read_parquet(f) if parquet else pd.read_csv(f, dtype=str, usecols=lambda c: c in COLUMNS)
+        except (ValueError, pd.errors.ParserError) as e:  # UnicodeDecodeError, ArrowInvalid are ValueErrors
+            kind = "Parquet" if parquet else "CSV"
+            raise ValueError(f"{input_url}: not a readable {kind} pair table ({str(e).splitlines()[0][:200]})") from None
         for col in ("s1", "s2"):
             if col not in table.columns:
-                raise ValueError(f"{input_url}: pair table has no '{col}' column (columns: {list(table.columns)})")
+                raise ValueError(f"{input_url}: pair table has no '{col}' column (it needs s1 and s2; "
+                                 "id, location, label are optional)")
+        table = table[[c for c in COLUMNS if c in table.columns]]
         items, bad, seen = [], [], set()
-        for row, rec in enumerate(table.to_dict("records")):
+        # column-wise, not to_dict("records"): a million-row table lists in seconds, not a minute
+        columns = {c: table[c].tolist() for c in table.columns}
+        for row in range(len(table)):
+            rec = {c: v[row] for c, v in columns.items()}
             s1, s2 = rec.get("s1"), rec.get("s2")
             key = _clean(str(rec.get("id") or str(s1).rsplit("/", 1)[-1].rsplit(".", 1)[0]))
             if not isinstance(s1, str) or not isinstance(s2, str) or not s1 or not s2:

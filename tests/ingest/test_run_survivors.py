@@ -21,7 +21,7 @@ import pytest
 import ingest.run as run
 from dsl.contracts.config import IngestConfig
 from dsl.contracts.provenance import code_version
-from dsl.contracts.shard_index import scan_offsets
+from dsl.contracts.shard_index import sample_digest, scan_offsets
 from ingest.raster import BadInput
 from ingest.sources import BadRecord, PairItem
 from ingest.sources.base import Pair
@@ -120,14 +120,23 @@ def test_manifest_records_the_run_and_plan_json_pins_the_plan(tmp_path, setup, m
 
     plan_id = run._plan_id(cfg, items, 2)
     assert json.loads((tmp_path / "_parts" / "plan.json").read_text()) == {"plan_id": plan_id, "partitions": shards}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["_parts", "index.npy", "manifest.json", *shards,
-                                                          "quarantine.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["_parts", "digests.npy", "index.npy", "manifest.json",
+                                                          *shards, "quarantine.jsonl"]
     # the index the writer recorded is what the shards' own tar headers say, in manifest order
     index = np.load(tmp_path / "index.npy", allow_pickle=False)
     assert index.tolist() == [o for s in m.shards for o in scan_offsets(str(tmp_path / s.name))]
     assert m.index.model_dump() == {"name": "index.npy", "bytes": (tmp_path / "index.npy").stat().st_size,
                                     "sha256": hashlib.sha256((tmp_path / "index.npy").read_bytes()).hexdigest()}
     assert all("offsets" not in s.model_dump() for s in m.shards)
+    # the sample digests, in the same order: each of its sample's byte range
+    digests = np.load(tmp_path / "digests.npy", allow_pickle=False)
+    ranges = [(s.name, o[j], o[j + 1]) for s in m.shards
+              for o in [scan_offsets(str(tmp_path / s.name))] for j in range(len(o) - 1)]
+    assert digests.dtype == np.uint64 and digests.tolist() == [
+        sample_digest((tmp_path / n).read_bytes()[a:b]) for n, a, b in ranges]
+    assert m.digests.model_dump() == {"name": "digests.npy", "bytes": (tmp_path / "digests.npy").stat().st_size,
+                                      "sha256": hashlib.sha256((tmp_path / "digests.npy").read_bytes()).hexdigest()}
+    assert all("digests" not in s.model_dump() for s in m.shards)
 
     assert (m.source, m.input, m.plan_id, m.quarantine, m.stats_split) == ("table", "/in", plan_id,
                                                                           "quarantine.jsonl", "all")
@@ -251,3 +260,33 @@ def test_items_without_tiles_make_an_empty_dataset_not_a_failure(tmp_path, setup
     assert (m.samples, m.bad, m.shards, m.bands.s2) == (0, 0, [], None)
     assert m.stats.s2 == {} and m.stats.s1 == {}
     assert (tmp_path / "quarantine.jsonl").read_text() == ""
+
+
+class SizedSource(TableSource):
+    """Item ``key`` has one tile of each size in ``sizes[key]`` ((H, W) each), in that order."""
+
+    def __init__(self, sizes: dict[str, list[tuple[int, int]]]):
+        super().__init__({k: tiles(k, len(v)) for k, v in sizes.items()})
+        self.sizes = sizes
+
+    def read(self, it: PairItem):
+        return [Pair(key=f"{it.key}_{i}", location=it.location, s1=np.zeros((2, h, w), np.float32),
+                     s2=np.zeros((len(BANDS), h, w), np.uint16),
+                     meta={"key": f"{it.key}_{i}", "s2_bands": BANDS, "s2_file": f"/in/{it.key}_s2.tif"})
+                for i, (h, w) in enumerate(self.sizes[it.key])]
+
+
+def test_the_manifest_records_the_smallest_patch_a_crop_must_fit(tmp_path, setup):
+    from dsl.contracts.config import ConfigError, DataConfig
+    from dsl.data.checks import check_crop
+
+    # five partitions of about two items: the smallest patch sits in a later one, not the first
+    # (and within its partition, a larger tile after it)
+    setup(SizedSource({"a": [(32, 32)], "b": [(36, 48)], "c": [(32, 40)], "d": [(24, 28), (48, 48)], "e": [(48, 32)]}))
+    m = run.ingest(config(tmp_path))
+    assert m.patch_min == [24, 28]
+    check_crop(DataConfig(shards=str(tmp_path), crop_size=24), m)
+    with pytest.raises(ConfigError) as e:
+        check_crop(DataConfig(shards=str(tmp_path), crop_size=25), m)
+    assert str(e.value) == (f"data.crop_size 25 is larger than the patches of {tmp_path}: the smallest stored patch "
+                            "is 24x28; use data.crop_size <= 24")
