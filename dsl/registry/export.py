@@ -31,9 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dsl.contracts.model_card import ModelCard, load_weights
+from dsl.contracts.model_card import ModelCard
 from dsl.models.backbone import make_backbone
-from dsl.registry import fetched
+from dsl.registry import fetched, read_version
 
 
 def _input_spec(card: ModelCard, modality: str) -> dict:
@@ -67,12 +67,14 @@ def export_backbone(uri: str, modality: str, out: str | Path, tracking_uri: str)
         The metadata written to the header and the sidecar.
 
     Raises:
-        ValueError: Bad modality, an unreachable model, or weights that do not fit the backbone.
+        ValueError: Bad modality, an unreachable model, a card or weights that are not valid
+            (:func:`dsl.registry.read_version`: checked before anything is built), or weights
+            that do not fit the backbone.
     """
     if modality not in ("s1", "s2"):
         raise ValueError(f"modality must be 's1' or 's2', got '{modality}'")
     with fetched(uri, tracking_uri) as folder:  # a downloaded copy is deleted again
-        state, card = load_weights(folder)
+        state, card = read_version(folder, uri)
     prefix = f"{modality}_backbone."
     weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
