@@ -9,6 +9,7 @@ file and the dotted key, never a silent default.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ class Section(BaseModel):
     """Base of every config section: unknown keys are errors and assignments are validated."""
 
     # extra="forbid" turns a typo into an error instead of a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class IngestConfig(Section):
@@ -333,8 +334,46 @@ class Config(Section):
         return self
 
 
-def _unknown_key(path: str, key: str, allowed: list[str], origin: str) -> ConfigError:
-    close = difflib.get_close_matches(key, allowed, n=1)
+# Values quoted in errors: a YAML alias bomb expands to billions of items under repr (a hang),
+# a huge document to megabytes of message; reprlib (then a cut) keeps each to a short line.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring = _REPR.maxother = 60
+_MAX_DEPTH = 64  # brackets: the tree needs 3; PyYAML scans deep flow nesting in quadratic time
+
+
+def _short(value: Any) -> str:
+    text = _REPR.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _safe_load(text: str) -> Any:
+    """``yaml.safe_load``, refusing bracket nesting deeper than :data:`_MAX_DEPTH` first.
+
+    Raises:
+        ValueError: Too deep (PyYAML would take seconds, then hit the recursion limit).
+    """
+    depth = deepest = 0
+    for c in text:
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    if deepest > _MAX_DEPTH:
+        raise ValueError(f"brackets nested {deepest} deep (at most {_MAX_DEPTH})")
+    return yaml.safe_load(text)
+
+
+# the lines of a validation error listed, whatever the number of bad items
+_MAX_PROBLEMS = 10
+# what YAML parsing raises besides YAMLError: ints over Python's 4300-digit limit (ValueError),
+# nesting deeper than the recursion limit (RecursionError)
+_YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
+def _unknown_key(path: str, key: Any, allowed: list[str], origin: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), allowed, n=1)  # YAML keys may be ints, null ...
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{origin}: unknown key '{path}'{hint}; allowed: {', '.join(sorted(allowed))}")
 
@@ -348,7 +387,10 @@ def _merge(base: dict, update: dict, model: type[BaseModel], origin: str, prefix
             raise _unknown_key(path, key, list(fields), origin)
         sub = fields[key].annotation
         if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(value, dict):
-            base[key] = _merge(dict(base.get(key) or {}), value, sub, origin, path + ".")
+            old = base.get(key)
+            if old is not None and not isinstance(old, dict):  # e.g. `data: 5`, then data.batch_size=3
+                raise ConfigError(f"{origin}: '{path}' is a section, but the config gives it {_short(old)}")
+            base[key] = _merge(dict(old or {}), value, sub, origin, path + ".")
         else:
             base[key] = value
     return base
@@ -362,8 +404,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError as e:
+        value = _safe_load(raw) if raw != "" else None
+    except _YAML_ERRORS as e:
         raise ConfigError(f"override '{text}': value is not valid YAML: {e}") from None
     return key.split("."), value
 
@@ -385,9 +427,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = Path(path).read_text()
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {e.start})") from None
         try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
+            loaded = _safe_load(text) or {}
+        except _YAML_ERRORS as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
@@ -402,10 +446,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(raw)
     except ValidationError as e:
         problems = []
-        for err in e.errors():
+        errors = e.errors()
+        for err in errors[:_MAX_PROBLEMS]:
             loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-            got = err.get("input")
-            problems.append(f"{loc}: {err['msg']} (got {got!r})")
+            problems.append(f"{loc}: {err['msg']} (got {_short(err.get('input'))})")
+        if len(errors) > _MAX_PROBLEMS:
+            problems.append(f"... and {len(errors) - _MAX_PROBLEMS} more")
         raise ConfigError(f"{origin}: invalid config:\n  " + "\n  ".join(problems)) from None
 
 
