@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from dsl.collectives import all_reduce
 from dsl.contracts.config import DeepSpeedConfig, OptimConfig
 from dsl.runtime.checkpoint import use_safe_loading
 from dsl.runtime.lr_schedule import warmup_cosine
@@ -63,6 +64,33 @@ def no_decay_groups(params: Iterable) -> list[dict]:
     return out
 
 
+class SkipNonFiniteAdamW(torch.optim.AdamW):
+    """AdamW that skips its update when a gradient is not finite, the way DeepSpeed's wrappers do.
+
+    DeepSpeed (0.19) skips the update of a step whose gradient norm is inf or NaN under every
+    wrapper it puts around the torch optimizer (ZeRO 1-3, its bf16 and fp16 optimizers): the
+    wrapper sets ``overflow``, and the engine then counts the step in ``skipped_steps``, leaves
+    the LR schedule where it was and clears the gradients. ZeRO stage 0 in fp32 has no wrapper:
+    the engine steps this optimizer itself, and reads the same ``overflow`` when it has one. The
+    flag is reduced over ranks, so no rank steps while another skips.
+    """
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """AdamW's step, or nothing (``overflow`` set) when any rank has a non-finite gradient."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        bad = torch.zeros(1, device=device)
+        for g in grads:
+            bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
+        self.overflow = bool(all_reduce(bad, "max").item())  # the one host sync, as DeepSpeed's
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def build_engine(
     module: nn.Module,
     params: Iterable,
@@ -84,7 +112,9 @@ def build_engine(
     """
     import deepspeed  # imported late: it picks its accelerator on import, after worker set-up
 
-    optimizer = torch.optim.AdamW(no_decay_groups(params), lr=optim.lr, weight_decay=optim.weight_decay)
+    # ZeRO 0 in fp32 is the one engine whose optimizer DeepSpeed does not wrap (see the class)
+    adamw = SkipNonFiniteAdamW if ds.zero_stage == 0 and ds.precision == "fp32" else torch.optim.AdamW
+    optimizer = adamw(no_decay_groups(params), lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim))
     engine, _, _, _ = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(ds, micro_batch_size),
@@ -104,8 +134,9 @@ def build_engine(
 def optimizer_steps(engine) -> int:
     """Optimizer steps ``engine`` has taken: DeepSpeed's ``global_steps`` without the skipped ones.
 
-    Under fp16 DeepSpeed skips the update (and the LR schedule's step) of a step whose gradients
-    overflowed, yet counts it in ``global_steps``: a job stopping at ``global_steps == max_steps``
-    would end before its schedule does.
+    DeepSpeed skips the update (and the LR schedule's step) of a step whose gradients are not
+    finite (under fp16 also a loss-scale overflow; in fp32 without ZeRO through
+    :class:`SkipNonFiniteAdamW`), yet counts it in ``global_steps``: a job stopping at
+    ``global_steps == max_steps`` would end before its schedule does.
     """
     return engine.global_steps - engine.skipped_steps

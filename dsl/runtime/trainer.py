@@ -13,7 +13,7 @@ import torch
 
 from dsl.contracts.config import Config
 from dsl.contracts.errors import UserError
-from dsl.contracts.storage import is_local, ray_storage
+from dsl.contracts.storage import filesystem, is_local, join, ray_storage
 from dsl.runtime.device import configure_backends
 from dsl.runtime.ray_start import alive_nodes, cluster_address, init_ray
 
@@ -121,3 +121,39 @@ def make_trainer(cfg: Config, loop, loop_config: dict, job: str, keep_checkpoint
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
     )
+
+
+# A failure every rank of a job met alike (a data or training check whose decision is
+# all-reduced). Raised in the workers it would make Ray Train restart the job, which would fail
+# the same way: rank 0 writes it here instead, every rank returns, and the driver raises it.
+# Ray's Result cannot carry it: Ray Train 2 keeps only the metrics reported with a checkpoint.
+FAILURE = "failure.json"
+
+
+def _failure_url(cfg: Config, job: str) -> str:
+    return join(cfg.scale.storage_path, job, FAILURE)
+
+
+def write_failure(cfg: Config, job: str, message: str) -> None:
+    """Record the job's failure (called by rank 0 of the workers)."""
+    import json
+
+    fs, path = filesystem(_failure_url(cfg, job))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # object stores: no folders, a no-op
+    fs.pipe_file(path, json.dumps({"message": message}).encode())
+
+
+def take_failure(cfg: Config, job: str) -> str | None:
+    """The failure a job's workers recorded, removing it (None: none); the driver calls it."""
+    import json
+
+    fs, path = filesystem(_failure_url(cfg, job))
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    fs.rm_file(path)
+    try:
+        return str(json.loads(data)["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"the job's workers failed; their record {path} is unreadable"
