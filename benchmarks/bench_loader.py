@@ -19,6 +19,7 @@ reported, each the best of ``--repeats`` alternating runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -69,8 +70,13 @@ def time_loader(cfg: DataConfig, epochs: int) -> dict:
     return _rates(pairs, time.perf_counter() - t0, _cpu() - c0)
 
 
-def time_limit(cfg: DataConfig, pairs: int) -> dict:
-    """The simplest loop doing the same work in one process: no shuffle, no workers."""
+def time_limit(cfg: DataConfig, pairs: int, checks: bool = False) -> dict:
+    """The simplest loop doing the same work in one process: no shuffle, no workers.
+
+    ``checks``: also the loader's integrity work, at its simplest: a sha256 of every member's
+    bytes (the loader hashes each sample's byte range against its digest) and each array's
+    min and max (its finite/range check).
+    """
     manifest = read_manifest(cfg.shards)
     norm = Normaliser.from_manifest(manifest, cfg.normalisation)
     (m1, k1), (m2, k2) = (norm.s1.offset, norm.s1.scale), (norm.s2.offset, norm.s2.scale)
@@ -84,7 +90,12 @@ def time_limit(cfg: DataConfig, pairs: int) -> dict:
                     ext = member.name.split(".", 1)[1]
                     if ext not in S1_MEMBERS + S2_MEMBERS:
                         continue
-                    batch[ext[:2]] = decode_array(ext, tar.extractfile(member).read(), member.name)
+                    data = tar.extractfile(member).read()
+                    batch[ext[:2]] = decode_array(ext, data, member.name)
+                    if checks:
+                        hashlib.sha256(data).digest()
+                        a = batch[ext[:2]]
+                        a.min() <= a.max()  # noqa: B015 - the work, not its value
                     if len(batch) == 2:
                         y, x = rng.integers(0, batch["s1"].shape[1] - c + 1, size=2)
                         (batch["s1"][:, y : y + c, x : x + c].astype(np.float32) - m1) * k1
@@ -137,11 +148,12 @@ def main() -> None:
                          samples_per_epoch=args.samples_per_epoch)
         for url in shard_urls(read_manifest(shards), shards):  # warm the page cache for both
             Path(url).read_bytes()
-        loaders, limits = [], []
-        for _ in range(args.repeats):  # alternate, so both see the same neighbours
+        loaders, limits, checked = [], [], []
+        for _ in range(args.repeats):  # alternate, so all see the same neighbours
             loaders.append(time_loader(cfg, args.epochs))
             limits.append(time_limit(cfg, loaders[-1]["pairs"]))
-        loader, limit = best(loaders), best(limits)
+            checked.append(time_limit(cfg, loaders[-1]["pairs"], checks=True))
+        loader, limit, limit_checked = best(loaders), best(limits), best(checked)
         per_core = loader["pairs_per_cpu_s"]
         out = {
             "benchmark": "loader",
@@ -155,6 +167,9 @@ def main() -> None:
             "loader_pairs_per_s_per_core": per_core,
             "limit_pairs_per_s_per_core": limit["pairs_per_cpu_s"],
             "loader_over_limit": round(per_core / limit["pairs_per_cpu_s"], 3),
+            # the loader verifies every sample (digest, finite, range): the limit doing that too
+            "limit_with_checks_pairs_per_s_per_core": limit_checked["pairs_per_cpu_s"],
+            "loader_over_limit_with_checks": round(per_core / limit_checked["pairs_per_cpu_s"], 3),
             "target_pairs_per_s_per_core": TARGET,
             "target_met": per_core >= TARGET,
             "loader_workers_0": loader,

@@ -135,6 +135,10 @@ def _s3_classes() -> dict[str, type]:
                 merged = {**S3_DEFAULTS, "http_session_cls": NoContinueSession, **(config_kwargs or {})}
                 super().__init__(*args, config_kwargs=merged, **kwargs)
 
+        # one instance cache with s3fs's (fsspec gives each class its own): code that clears
+        # s3fs.S3FileSystem's cache, e.g. after changing AWS_ENDPOINT_URL, clears ours too;
+        # the cache keys include the class, so the two never share an instance
+        BoundedS3FileSystem._cache = s3fs.S3FileSystem._cache
         for cls in (NoContinueSession, BoundedS3FileSystem):
             # pickled by reference (Ray ships filesystems): this module's attribute, via __getattr__
             cls.__module__, cls.__qualname__ = __name__, cls.__name__

@@ -63,3 +63,15 @@ def test_ray_storage_refuses_a_bucketless_path():
 
     with pytest.raises(ValueError, match="scale.storage_path 's3://' names no bucket"):
         ray_storage("s3://")
+
+
+def test_clearing_s3fs_instance_cache_clears_the_bounded_filesystems_too():
+    """Code (and these tests) that change AWS_ENDPOINT_URL clear s3fs's cache of instances;
+    a cache of our own would keep handing out a client for the old endpoint."""
+    import fsspec
+    import s3fs
+
+    first = fsspec.filesystem("s3", anon=True)
+    assert fsspec.filesystem("s3", anon=True) is first and isinstance(first, s3fs.S3FileSystem)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert fsspec.filesystem("s3", anon=True) is not first
