@@ -146,7 +146,8 @@ def test_an_ingest_to_s3_writes_under_hashed_prefixes_and_resumes(tmp_path, ray_
         assert all(n == hashed_shard_path(n.split("/")[1]) for n in names)
         assert len({n.split("/")[0] for n in names}) >= 2
         root = {p.rsplit("/", 1)[-1] for p in fs.ls(out, detail=False)}
-        assert root == {n.split("/")[0] for n in names} | {"_parts", "manifest.json", "index.npy", "quarantine.jsonl"}
+        assert root == {n.split("/")[0] for n in names} | {"_parts", "manifest.json", "index.npy", "digests.npy",
+                                                              "quarantine.jsonl"}
         sidecars = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{out}/_parts", detail=False)}
         assert sidecars == {"plan.json", *(n.split("/")[1] + ".json" for n in names)}
 
