@@ -12,15 +12,14 @@ Reproducible for CI: ``derandomize=True``, no example database, ~200 examples pe
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import signal
 import tempfile
 import time
 
 import pytest
 import yaml
+from fixtures.hang import time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as _event
 from hypothesis import strategies as st
@@ -44,25 +43,11 @@ def event(name: str) -> None:
         pass
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Interrupt a hang (an alias bomb expanded by repr): hypothesis's deadline only judges calls that return."""
-    def expired(signum, frame):
-        raise AssertionError(f"still loading after {seconds} s: a hang")
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _load(path: str | None, overrides: list[str]) -> Config | None:
     """load_config's outcome: the Config, or None for a clear ConfigError (asserted here)."""
     t0 = time.perf_counter()
     try:
-        with _time_limit(3):
+        with time_limit(3, "loading"):
             cfg = load_config(path, overrides)
         event("Config")
         return cfg

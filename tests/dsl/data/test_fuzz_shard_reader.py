@@ -24,15 +24,14 @@ database, ~200 examples per test.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import signal
 import tarfile
 import time
 import tracemalloc
 
 import numpy as np
 import pytest
+from fixtures.hang import time_limit
 from fixtures.shards import cfg_for, write_dataset
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -111,26 +110,12 @@ def _parse(data: bytes, batcher: Batcher) -> dict:
     return {"s1": sample["__s1__"], "s2": sample["__s2__"], "labels": sample.get("__labels__")}
 
 
-@contextlib.contextmanager
-def _time_limit(seconds: float):
-    """Interrupt a hang (hypothesis's deadline only judges calls that return)."""
-    def expired(signum, frame):
-        raise AssertionError(f"still parsing after {seconds} s: a hang")
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _outcome(data: bytes, batcher: Batcher) -> dict | None:
     """The parse's arrays, or None for a clear ValueError; asserts time, memory and message."""
     tracemalloc.start()
     t0 = time.perf_counter()
     try:
-        with _time_limit(1.5):
+        with time_limit(1.5, "parsing"):
             got = _parse(data, batcher)
         event("arrays")
         return got
@@ -174,7 +159,7 @@ def _check_against_tarfile(data: bytes) -> None:
     valid values first: tarfile refuses a garbled mtime, which the loader rightly ignores.
     """
     try:
-        with _time_limit(1.5):
+        with time_limit(1.5, "parsing"):
             sample = split_sample(data, URL, START)
     except ValueError:
         return

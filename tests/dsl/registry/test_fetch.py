@@ -6,7 +6,6 @@ temporary folders are made under this test's own folder, so other runs cannot in
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from dsl.registry.export import export_backbone
 
 S2 = ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12"]
 TRACKING = "sqlite:///unused.db"  # file:// URIs never reach the tracking store
-
-
-@pytest.fixture
-def temp(tmp_path, monkeypatch) -> Path:
-    """Where ``tempfile.mkdtemp`` (hence ``download``) puts its folders during the test."""
-    root = tmp_path / "temp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
 
 
 @pytest.fixture(scope="module")

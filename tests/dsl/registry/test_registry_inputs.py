@@ -54,15 +54,6 @@ def good(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture
-def temp(tmp_path, monkeypatch) -> Path:
-    """Where ``tempfile.mkdtemp`` (hence the download) puts its folders during the test."""
-    root = tmp_path / "temp"
-    root.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(root))
-    return root
-
-
 def _nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
