@@ -1,11 +1,8 @@
 """The promotion gate and rollback of ``dsl.registry.promote`` on an in-memory registry (fast).
 
 ``test_promote.py`` runs the same decisions on a real sqlite MLflow (slow); this file swaps
-``mlflow.MlflowClient`` for :class:`FakeRegistry`, which keeps the behaviour promote relies on
-as MLflow has it (checked against a sqlite store): versions come back as ints, a missing alias
-raises ``INVALID_PARAMETER_VALUE``, a missing version ``RESOURCE_DOES_NOT_EXIST``, filter
-entity types and values are case-sensitive, tag values are limited to 5000 characters, and
-listings come in pages. So every branch, message and tag of the gate is pinned here in
+``mlflow.MlflowClient`` for :class:`fixtures.fake_registry.FakeRegistry` (MLflow's behaviour as
+promote relies on it). So every branch, message and tag of the gate is pinned here in
 milliseconds, which is what ``make mutate`` needs.
 """
 
@@ -14,138 +11,20 @@ from __future__ import annotations
 import json
 import re
 import time
-from types import SimpleNamespace
 
 import mlflow
 import pytest
+from fixtures.fake_registry import NAME, URI, FakeRegistry
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import (
-    INVALID_PARAMETER_VALUE,
     PERMISSION_DENIED,
-    RESOURCE_DOES_NOT_EXIST,
 )
 
 import dsl.registry.promote as P
 from dsl.contracts.config import Config, PromoteConfig
 from dsl.registry.lock import LockTimeout
 
-NAME = "dsl-dual-backbone"
-URI = "http://registry.test"  # not a local store: the registry lock (a tag) is used
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
-TERM = re.compile(r"^tags\.`([^`]+)` = '([^']*)'$|^attributes\.status = '([^']*)'$")
-
-
-class Paged(list):
-    """A page of results with MLflow's ``token`` for the next one (None on the last)."""
-
-    def __init__(self, items, token):
-        super().__init__(items)
-        self.token = token
-
-
-class FakeRegistry:
-    """The part of ``MlflowClient`` that promote and the registry lock use, in memory."""
-
-    registries: dict[str, FakeRegistry] = {}
-
-    def __new__(cls, tracking_uri):  # MlflowClient(uri) -> the registry of that URI
-        return cls.registries[tracking_uri]
-
-    @classmethod
-    def create(cls, uri: str = URI, versions: int = 6, experiments=("0", "1", "2")) -> FakeRegistry:
-        reg = object.__new__(cls)
-        reg.uri, reg.versions = uri, set(range(1, versions + 1))
-        reg.aliases, reg.model_tags, reg.version_tags = {}, {}, {}
-        reg.experiments = {f"exp{e}": e for e in experiments}
-        reg.runs, reg.calls, reg.tag_writes = [], 0, []
-        cls.registries[uri] = reg
-        return reg
-
-    def _count(self) -> None:
-        self.calls += 1
-        if self.calls > 500:
-            raise RuntimeError("runaway: the same page asked for again and again")
-
-    # ------------------------------------------------------------------ model, aliases, tags
-    def get_registered_model(self, name):
-        assert name == NAME, name
-        return SimpleNamespace(tags=dict(self.model_tags), aliases=dict(self.aliases))
-
-    def get_model_version_by_alias(self, name, alias):
-        if name != NAME:
-            raise MlflowException(f"Registered Model with name={name} not found", RESOURCE_DOES_NOT_EXIST)
-        if alias not in self.aliases:
-            raise MlflowException(f"Registered model alias {alias} not found.", INVALID_PARAMETER_VALUE)
-        return SimpleNamespace(version=self.aliases[alias])  # an int, as the sqlite store gives
-
-    def get_model_version(self, name, version):
-        if name != NAME or int(version) not in self.versions:
-            raise MlflowException(f"Model Version (name={name}, version={version}) not found",
-                                  RESOURCE_DOES_NOT_EXIST)
-        return SimpleNamespace(version=int(version), tags=dict(self.version_tags.get(int(version), {})))
-
-    def set_registered_model_alias(self, name, alias, version):
-        assert name == NAME and isinstance(alias, str), (name, alias)
-        if int(version) not in self.versions:
-            raise MlflowException(f"Model Version {version} not found", RESOURCE_DOES_NOT_EXIST)
-        self.aliases[alias] = int(version)
-
-    def set_registered_model_tag(self, name, key, value):
-        assert name == NAME and isinstance(key, str) and isinstance(value, str), (name, key, value)
-        if len(value) > 5000:
-            raise MlflowException(f"tag value of {len(value)} characters", INVALID_PARAMETER_VALUE)
-        self.model_tags[key] = value
-        self.tag_writes.append(key)
-
-    def delete_registered_model_tag(self, name, key):
-        assert name == NAME, name
-        del self.model_tags[key]
-
-    def set_model_version_tag(self, name, version, key, value):
-        assert name == NAME and isinstance(key, str) and isinstance(value, str), (name, key, value)
-        assert int(version) in self.versions, version
-        self.version_tags.setdefault(int(version), {})[key] = value
-
-    # ------------------------------------------------------------------ experiments and runs
-    def get_experiment_by_name(self, name):
-        exp = self.experiments.get(name)
-        return None if exp is None else SimpleNamespace(experiment_id=exp)
-
-    def search_experiments(self, *, page_token=None):
-        self._count()
-        ids = sorted(self.experiments.values())
-        start = int(page_token or 0)  # one experiment per page: the caller must follow tokens
-        token = str(start + 1) if start + 1 < len(ids) else None
-        return Paged([SimpleNamespace(experiment_id=i) for i in ids[start:start + 1]], token)
-
-    def add_run(self, version, score, *, exp="0", metric="test_average_accuracy", task="single",
-                fraction="0.1", method="dual", status="FINISHED", name=NAME, tags=None):
-        run_tags = {"dsl.backbone_name": name, "dsl.backbone_version": str(version), "dsl.task": task,
-                    "dsl.method": method}
-        if fraction is not None:
-            run_tags["dsl.label_fraction"] = fraction
-        run_tags.update(tags or {})
-        metrics = {} if score is None else {metric: score}
-        self.runs.append(SimpleNamespace(exp=exp, status=status, data=SimpleNamespace(tags=run_tags, metrics=metrics)))
-
-    def search_runs(self, experiment_ids, filter_string, max_results=1000, page_token=None):
-        self._count()
-        assert experiment_ids and max_results >= 1, (experiment_ids, max_results)
-        wanted_tags, wanted_status = {}, None
-        for term in re.split(r" and ", filter_string, flags=re.IGNORECASE):
-            m = TERM.match(term.strip())
-            if not m:  # MLflow refuses a filter it cannot parse (entity types are lowercase)
-                raise MlflowException(f"invalid filter term {term!r}", INVALID_PARAMETER_VALUE)
-            if m.group(1) is not None:
-                wanted_tags[m.group(1)] = m.group(2)
-            else:
-                wanted_status = m.group(3)
-        hits = [r for r in self.runs if r.exp in experiment_ids
-                and all(r.data.tags.get(k) == v for k, v in wanted_tags.items())
-                and (wanted_status is None or r.status == wanted_status)]
-        start = int(page_token or 0)  # two runs per page
-        token = str(start + 2) if start + 2 < len(hits) else None
-        return Paged(hits[start:start + 2], token)
 
 
 @pytest.fixture
