@@ -6,6 +6,11 @@ writes exactly one shard per split (on object stores under a hashed prefix) and 
 ``_parts/<shard>.json``; the sidecar is the partition's commit marker. A rerun skips partitions
 whose sidecar exists and redoes the rest, overwriting any half-written shard, so a killed run
 resumed ends with the same samples as a clean run.
+
+Partitions are cut by each item's own estimated bytes where the source estimates an item
+without reading it (:meth:`Source.item_bytes`), else into a fixed number of items sized from
+the first readable header. Planning, the plan id and the resume check are linear in the items
+(``benchmarks/bench_plan.py``); the sidecars are read back by a pool of threads, one GET each.
 """
 
 from __future__ import annotations
@@ -14,7 +19,10 @@ import argparse
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter, deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from dsl.contracts.config import Config, ConfigError, IngestConfig
 from dsl.contracts.errors import JobFailed
@@ -36,6 +44,7 @@ from ingest.tiling import tile_pair
 from ingest.writer import ShardWriter, sample_members, write_text_atomic
 
 PARTS = "_parts"
+SIDECAR_READERS = 32  # sidecars read at once when merging: each is one small GET on object stores
 
 
 class IngestError(JobFailed):
@@ -79,7 +88,11 @@ def assign_split(item: PairItem, val_fraction: float) -> str | None:
     """Deterministic by location: a location's hash decides, so no location is ever split."""
     if val_fraction <= 0:
         return item.split
-    h = int(hashlib.sha1(item.location.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return _location_split(item.location, val_fraction)
+
+
+def _location_split(location: str, val_fraction: float) -> str:
+    h = int(hashlib.sha1(location.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return "val" if h < val_fraction else "train"
 
 
@@ -88,26 +101,61 @@ def scatter_order(seed: int, key: str) -> str:
     return hashlib.sha1(f"{seed}:{key}".encode()).hexdigest()
 
 
-def plan_partitions(items: list[PairItem], per_shard: int, val_fraction: float, prefix: str, seed: int = 0,
-                    hashed: bool = False) -> list[Partition]:
-    """Cut each split's items, in seeded hash order, into partitions of at most ``per_shard``.
+def plan_partitions(items: Sequence[PairItem], per_shard: int | None, val_fraction: float, prefix: str,
+                    seed: int = 0, hashed: bool = False, sizes: Sequence[int] | None = None,
+                    shard_bytes: int | None = None) -> list[Partition]:
+    """Cut each split's items, in seeded hash order, into partitions.
+
+    A partition holds at most ``per_shard`` items or, given ``sizes`` (each item's estimated
+    bytes, in ``items``' order), as many items in a row as fit in ``shard_bytes`` (at least one).
 
     In key order a shard would be one scene or region (keys start with the place), and a reader's
     shuffle buffer, which holds a few shards, would fill batches from a few places; in hash
     order every shard is a sample of the whole split. Items are never cut (all tiles of one
     item go to one shard), and the split stays by location (:func:`assign_split`). The result
-    depends only on the items' keys and the options, not on the listing order, so a resumed run
-    plans the same partitions (and shard names) as the interrupted one.
+    depends only on the items' keys (and sizes) and the options, not on the listing order, so a
+    resumed run plans the same partitions (and shard names) as the interrupted one. Linear in
+    the items but for one sort.
     """
-    by_split: dict[str | None, list[PairItem]] = {}
-    for it in sorted(items, key=lambda i: (scatter_order(seed, i.key), i.key)):
-        by_split.setdefault(assign_split(it, val_fraction), []).append(it)
-    parts = []
-    for split in sorted(by_split, key=lambda s: s or ""):
-        group = by_split[split]
-        for i in range(0, len(group), per_shard):
-            parts.append(Partition(split, i // per_shard, tuple(group[i : i + per_shard]), prefix, hashed))
+    if sizes is not None and (len(sizes) != len(items) or not shard_bytes):
+        raise ValueError("sizes needs one size per item and shard_bytes")
+    # sha1 digests sort as their hex digests do; digest + UTF-8 key sorts as (hex, key) does
+    keyed = [hashlib.sha1(f"{seed}:{it.key}".encode()).digest() + it.key.encode() for it in items]
+    order = sorted(range(len(items)), key=keyed.__getitem__)
+    del keyed
+    if val_fraction <= 0:
+        splits = [it.split for it in items]
+    else:  # one hash per place, not per item
+        split_of = {loc: _location_split(loc, val_fraction) for loc in {it.location for it in items}}
+        splits = [split_of[it.location] for it in items]
+    names = sorted(set(splits), key=lambda s: s or "")
+    if len(names) > 1:  # a stable sort by split keeps the hash order within each
+        rank = {s: r for r, s in enumerate(names)}
+        ranks = [rank[s] for s in splits]
+        order.sort(key=ranks.__getitem__)
+        del ranks
+    sizes_of, parts, at = Counter(splits), [], 0
+    for split in names:
+        group, at = order[at : at + sizes_of[split]], at + sizes_of[split]
+        for index, (start, stop) in enumerate(_cuts(group, per_shard, sizes, shard_bytes)):
+            parts.append(Partition(split, index, tuple(map(items.__getitem__, group[start:stop])), prefix, hashed))
     return parts
+
+
+def _cuts(group: list[int], per_shard: int | None, sizes: Sequence[int] | None,
+          shard_bytes: int | None) -> list[tuple[int, int]]:
+    """[start, stop) of each partition of ``group`` (item indices in plan order)."""
+    if sizes is None:
+        return [(i, min(i + per_shard, len(group))) for i in range(0, len(group), per_shard)]
+    cuts, start, total = [], 0, 0
+    for i, j in enumerate(group):
+        if total + sizes[j] > shard_bytes and i > start:  # full: the item opens the next one
+            cuts.append((start, i))
+            start, total = i, 0
+        total += sizes[j]
+    if start < len(group):
+        cuts.append((start, len(group)))
+    return cuts
 
 
 def hashed_prefixes(cfg: IngestConfig) -> bool:
@@ -194,23 +242,84 @@ def items_per_shard(source, items: list[PairItem], shard_size_mb: float) -> int:
     return 1
 
 
-def _plan_id(cfg: IngestConfig, items: list[PairItem], per_shard: int) -> str:
+def item_sizes(source, items: Sequence[PairItem]) -> list[int] | None:
+    """Each item's estimated bytes, where the source knows them without reading (else None).
+
+    All or nothing: one item the source cannot size cheaply sends the whole plan back to
+    :func:`items_per_shard`, so the sizing never depends on which items happen to come first.
+    """
+    sizes = []
+    for it in items:
+        size = source.item_bytes(it) if hasattr(source, "item_bytes") else None
+        if size is None:
+            return None
+        sizes.append(max(0, int(size)))
+    return sizes
+
+
+def _plan_id(cfg: IngestConfig, items: Sequence[PairItem], per_shard: int | list[int]) -> str:
+    """The plan's identity: options, sizing and every item, in listing order.
+
+    ``per_shard`` is the items per partition, or (partitions cut by bytes) every partition's
+    item count in plan order. Each item hashes as ``json.dumps(asdict(item), sort_keys=True)``
+    did (the same bytes, written without ``asdict``'s deep copy): plans pinned by earlier runs
+    are recognised.
+    """
     h = hashlib.sha256()
     opts = {k: getattr(cfg, k) for k in (
         "source", "input", "prefix", "val_fraction", "tile_size", "shuffle_seed", "encoding")}
     opts["hashed_prefixes"] = hashed_prefixes(cfg)  # as resolved: None and True on S3 plan the same
     h.update(json.dumps({"opts": opts, "per_shard": per_shard, "format": FORMAT_VERSION}, sort_keys=True).encode())
-    for it in items:
-        h.update(json.dumps(asdict(it), sort_keys=True).encode())
+    encode = json.JSONEncoder().encode
+    chunk = 10_000  # one update per chunk: the hash of the concatenation is the same
+    for i in range(0, len(items), chunk):
+        # keys in sorted order, fields as asdict gives them (tuples encode as lists)
+        h.update("".join(encode({"files": it.files, "index": it.index, "key": it.key, "location": it.location,
+                                 "split": it.split}) for it in items[i : i + chunk]).encode())
     return h.hexdigest()
 
 
 def _read_json(url: str) -> dict | None:
+    """The JSON file at ``url``, or None when there is none: one GET, no existence check first."""
     fs, path = filesystem(url)
-    if not fs.exists(path):
+    try:
+        # start=0: a ranged read is one GET (s3fs's whole-object read asks the size first, a HEAD)
+        return json.loads(fs.cat_file(path, start=0))
+    except FileNotFoundError:
         return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
+
+
+def committed_sidecars(output: str) -> set[str]:
+    """File names in ``<output>/_parts`` (one listing): the committed partitions' sidecars."""
+    fs, root = filesystem(output)
+    fs.invalidate_cache()  # object-store listings are cached per process; workers wrote since
+    try:
+        return {e.rsplit("/", 1)[-1] for e in fs.ls(join(root, PARTS), detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+def pending(parts: list[Partition], committed: set[str]) -> tuple[list[Partition], int]:
+    """The partitions without a sidecar in ``committed``, and the items of those with one."""
+    todo, already = [], 0
+    for p in parts:
+        if p.shard + ".json" in committed:
+            already += len(p.items)
+        else:
+            todo.append(p)
+    return todo, already
+
+
+def read_sidecars(output: str, parts: list[Partition], threads: int = SIDECAR_READERS):
+    """Yield ``(partition, sidecar or None)`` in ``parts``' order, read by a pool of threads."""
+    if not parts:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(threads, len(parts))))
+    try:
+        yield from zip(parts, pool.map(lambda p: _read_json(join(output, PARTS, p.shard + ".json")), parts),
+                       strict=True)
+    finally:  # a caller that stops early (a missing sidecar) need not wait for the other reads
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, already: int, listing_bad: int) -> float:
@@ -226,11 +335,11 @@ def _run_tasks(cfg: IngestConfig, todo: list[Partition], total_items: int, alrea
     bar = tqdm(total=total_items, initial=already, unit="pair", disable=not cfg.progress, desc="ingest")
     bad, busy = listing_bad, 0.0
     bar.set_postfix(bad=bad)
-    pending, queue = [], list(todo)
-    while queue or pending:
-        while queue and len(pending) < cfg.workers:  # bounded in flight: memory stays flat
-            pending.append(task.remote(cfg_ref, queue.pop(0)))
-        done, pending = ray.wait(pending, num_returns=1)
+    in_flight, queue = [], deque(todo)
+    while queue or in_flight:
+        while queue and len(in_flight) < cfg.workers:  # bounded in flight: memory stays flat
+            in_flight.append(task.remote(cfg_ref, queue.popleft()))
+        done, in_flight = ray.wait(in_flight, num_returns=1)
         for result in ray.get(done):
             bad += result["bad"]
             busy += result["seconds"]
@@ -252,9 +361,11 @@ def ingest(cfg: IngestConfig) -> Manifest:
     items, listing_bad = source.list(cfg.input)
     if not items:
         raise IngestError(f"no pairs found under {cfg.input} for source '{cfg.source}' ({len(listing_bad)} bad)")
-    per_shard = items_per_shard(source, items, cfg.shard_size_mb)
-    parts = plan_partitions(items, per_shard, cfg.val_fraction, cfg.prefix, cfg.shuffle_seed, hashed_prefixes(cfg))
-    plan_id = _plan_id(cfg, items, per_shard)
+    sizes = item_sizes(source, items)
+    per_shard = items_per_shard(source, items, cfg.shard_size_mb) if sizes is None else None
+    parts = plan_partitions(items, per_shard, cfg.val_fraction, cfg.prefix, cfg.shuffle_seed, hashed_prefixes(cfg),
+                            sizes=sizes, shard_bytes=int(cfg.shard_size_mb * 1e6))
+    plan_id = _plan_id(cfg, items, per_shard if sizes is None else [len(p.items) for p in parts])
     plan_url = join(cfg.output, PARTS, "plan.json")
     plan = _read_json(plan_url)
     if plan and plan["plan_id"] != plan_id:
@@ -265,23 +376,17 @@ def ingest(cfg: IngestConfig) -> Manifest:
     if not plan:
         write_text_atomic(plan_url, json.dumps({"plan_id": plan_id, "partitions": [p.shard for p in parts]}))
 
-    fs, root = filesystem(cfg.output)
-    fs.invalidate_cache()  # object-store listings are cached per process; workers wrote since
-    existing = set(fs.ls(join(root, PARTS), detail=False)) if fs.exists(join(root, PARTS)) else set()
-    existing = {e.rsplit("/", 1)[-1] for e in existing}
-    todo = [p for p in parts if p.shard + ".json" not in existing]
-    already = sum(len(p.items) for p in parts if p not in todo)
+    todo, already = pending(parts, committed_sidecars(cfg.output))
     task_seconds = 0.0
     if todo:
         task_seconds = _run_tasks(cfg, todo, len(items), already, len(listing_bad))
-        fs.invalidate_cache()
+        filesystem(cfg.output)[0].invalidate_cache()
 
     # Merge sidecars (the committed truth) into the manifest.
     shards, bad, keys = [], [b.as_dict() for b in listing_bad], []
     s1_stats = BandStats(len(S1_BANDS), integer=False)
     s2_stats, s2_bands, patch_min = None, None, None
-    for p in parts:
-        side = _read_json(join(cfg.output, PARTS, p.shard + ".json"))
+    for p, side in read_sidecars(cfg.output, parts):
         if side is None:
             raise IngestError(f"partition {p.shard} has no sidecar after the run; rerun to resume")
         bad += side["bad"]
@@ -295,8 +400,12 @@ def ingest(cfg: IngestConfig) -> Manifest:
             if low and (patch_min is None or min(low) < min(patch_min)):
                 patch_min = low
             if p.split in (None, "train") or cfg.val_fraction == 0:
-                s1_stats.merge(BandStats.from_json(side["stats"]["s1"]))
-                part_s2 = BandStats.from_json(side["stats"]["s2"])
+                try:
+                    part_s1, part_s2 = (BandStats.from_json(side["stats"][k]) for k in ("s1", "s2"))
+                except (ValueError, KeyError, TypeError) as e:
+                    raise IngestError(f"{join(cfg.output, PARTS, p.shard + '.json')}: unreadable statistics ({e}); "
+                                      "delete it and rerun to redo its partition") from None
+                s1_stats.merge(part_s1)
                 s2_stats = part_s2 if s2_stats is None else (s2_stats.merge(part_s2) or s2_stats)
     # The byte-offset index (format 2): the sidecars carry each shard's offsets (a sidecar from
     # before the index: read from the shard's headers), the manifest keeps only the index file's
@@ -306,7 +415,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
     # written before digests existed leaves the dataset without them (its samples unchecked).
     digests = [s.pop("digests", None) for s in shards]
     if len(keys) != len(set(keys)):
-        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        dup = sorted(k for k, n in Counter(keys).items() if n > 1)[:5]
         raise IngestError(f"duplicate sample keys across shards: {dup}")
 
     bad_lines = "".join(json.dumps(b, sort_keys=True) + "\n" for b in sorted(bad, key=lambda b: (b["key"], b["file"])))

@@ -89,6 +89,17 @@ class Source:
         """Bytes one item adds to a shard, for sizing partitions (headers only)."""
         raise NotImplementedError
 
+    def item_bytes(self, item: PairItem) -> int | None:
+        """Bytes one item adds to a shard, if known without reading anything (its listing's metadata).
+
+        When a source sizes every item this way, partitions are cut by each item's own bytes
+        (scene-sized and patch-sized items then make shards of the same size); the default, None,
+        sizes all partitions alike from :meth:`estimate_bytes` of the first readable item. It
+        must be cheap (the planner calls it for every item, in the driver) and a pure function
+        of the item (a resumed run must plan the same partitions).
+        """
+        return None
+
 
 def check_key(key: str) -> str:
     """Return ``key`` if it is a valid sample key (no dots: webdataset splits at the first).

@@ -246,3 +246,132 @@ def test_items_per_shard_from_the_first_readable_header():
 def test_splits_are_planned_in_name_order_none_first():
     items = [item("b", "x", "B"), item("a", "y"), item("c", "z", "A")]
     assert [p.split for p in run.plan_partitions(items, 5, 0.0, "pairs")] == [None, "A", "B"]
+
+
+# ---------------------------------------------------------------- partitions cut by bytes
+
+
+def test_partitions_cut_by_each_items_bytes():
+    # plan order (sha1 "0:<key>"): k7 k6 k0 k5 k4 k3 k2 k1
+    items = [item(f"k{i}", "l") for i in range(8)]
+    size = {"k7": 300, "k6": 300, "k0": 500, "k5": 1200, "k4": 100, "k3": 900, "k2": 50, "k1": 50}
+    parts = run.plan_partitions(items, None, 0.0, "px", sizes=[size[it.key] for it in items], shard_bytes=1000)
+    assert [[i.key for i in p.items] for p in parts] == [
+        ["k7", "k6"],  # 600: k0 would make 1100
+        ["k0"],
+        ["k5"],  # bigger than a shard: alone, never cut
+        ["k4", "k3"],  # exactly 1000 fits
+        ["k2", "k1"]]
+    assert [(p.split, p.index) for p in parts] == [(None, i) for i in range(5)]
+    each_too_big = run.plan_partitions(items, None, 0.0, "px", sizes=[2000] * 8, shard_bytes=1000)
+    assert [len(p.items) for p in each_too_big] == [1] * 8  # one each, no empty partition before the first
+    # the same order as the count-based plan, and independent of the listing order
+    assert [i for p in parts for i in p.items] == list(run.plan_partitions(items, 100, 0.0, "px")[0].items)
+    backwards = items[::-1]
+    assert run.plan_partitions(backwards, None, 0.0, "px", sizes=[size[it.key] for it in backwards],
+                               shard_bytes=1000) == parts
+    # per split, as the count-based plan
+    placed = [item(f"k{i}", loc) for i, loc in enumerate("dabhfceg")]
+    split = run.plan_partitions(placed, None, 0.3, "px", sizes=[100] * 8, shard_bytes=250)
+    assert [(p.split, p.index, [i.key for i in p.items]) for p in split] == [
+        ("train", 0, ["k7", "k6"]), ("train", 1, ["k5", "k2"]), ("train", 2, ["k1"]),
+        ("val", 0, ["k0", "k4"]), ("val", 1, ["k3"])]
+    with pytest.raises(ValueError, match="one size per item and shard_bytes"):
+        run.plan_partitions(items, None, 0.0, "px", sizes=[1] * 7, shard_bytes=10)
+
+
+class SizedSource:
+    """Items sized by ``item_bytes`` from a table (None: this one cannot be sized cheaply)."""
+
+    def __init__(self, sizes: dict[str, int | None]):
+        self.sizes, self.calls = sizes, []
+
+    def item_bytes(self, it: PairItem) -> int | None:
+        self.calls.append(it.key)
+        return self.sizes[it.key]
+
+
+def test_item_sizes_are_all_or_nothing():
+    items = [item(k, "l") for k in "abc"]
+    assert run.item_sizes(SizedSource({"a": 5, "b": 7, "c": 0}), items) == [5, 7, 0]
+    partial = SizedSource({"a": 5, "b": None, "c": 3})
+    assert run.item_sizes(partial, items) is None and partial.calls == ["a", "b"]  # stops at the first unknown
+    assert run.item_sizes(FakeSource({}), items) is None  # a source without item_bytes
+    from ingest.sources.base import Source
+    assert Source().item_bytes(items[0]) is None  # the base class: not cheap
+
+
+class ListedSource(FakeSource):
+    def __init__(self, tiles, sizes=None, estimate=None):
+        super().__init__(tiles, estimate)
+        if sizes is not None:
+            self.item_bytes = lambda it: sizes[it.key]
+
+    def list(self, input_url):
+        return [item(k, f"loc-{k}") for k in self.tiles], []
+
+
+def test_an_ingest_cuts_by_bytes_when_the_source_sizes_its_items(tmp_path, monkeypatch):
+    tiles = {k: [["B1"]] * n for k, n in zip("abcdef", (1, 3, 1, 2, 1, 1), strict=True)}
+    monkeypatch.setattr(run, "_run_tasks", lambda cfg, todo, *_: sum(run.write_partition(cfg, p)["seconds"] for p in todo))
+    cfg = IngestConfig(input="/in", output=str(tmp_path / "bytes"), shard_size_mb=0.003, progress=False)
+    by_bytes = ListedSource(tiles, sizes={k: 1000 * len(v) for k, v in tiles.items()})
+    monkeypatch.setattr(run, "get_source", lambda name, tile: by_bytes)
+    m = run.ingest(cfg)
+    items, _ = by_bytes.list("/in")
+    parts = run.plan_partitions(items, None, 0.0, "pairs", sizes=[by_bytes.item_bytes(i) for i in items],
+                                shard_bytes=3000)
+    assert [s.samples for s in m.shards] == [sum(len(tiles[i.key]) for i in p.items) for p in parts]
+    assert all(s.samples <= 3 for s in m.shards) and m.samples == 9
+    plan = json.loads((tmp_path / "bytes" / "_parts" / "plan.json").read_text())
+    assert plan == {"plan_id": run._plan_id(cfg, items, [len(p.items) for p in parts]),
+                    "partitions": [p.shard for p in parts]}
+    # the same input sized by the probe: another plan (so another plan id), 3 items a partition
+    probed = ListedSource(tiles, estimate={k: 1000 for k in tiles})
+    monkeypatch.setattr(run, "get_source", lambda name, tile: probed)
+    m2 = run.ingest(cfg.model_copy(update={"output": str(tmp_path / "count")}))
+    assert [s.samples for s in m2.shards] == [
+        sum(len(tiles[i.key]) for i in p.items) for p in run.plan_partitions(items, 3, 0.0, "pairs")]
+    assert m2.plan_id != m.plan_id
+
+
+# ---------------------------------------------------------------- linear planning
+
+
+def test_the_plan_hashes_each_key_once_and_each_place_once(monkeypatch):
+    calls = []
+
+    def sha1(data=b""):
+        calls.append(data)
+        return hashlib.sha1(data)
+
+    monkeypatch.setattr(run, "hashlib", SimpleNamespace(sha1=sha1, sha256=hashlib.sha256))
+    items = [item(f"k{i}", f"l{i % 7}") for i in range(500)]
+    parts = run.plan_partitions(items, 10, 0.3, "px")
+    assert len(calls) == 500 + 7  # not a hash per comparison, nor a location hash per item
+    assert sum(len(p.items) for p in parts) == 500
+
+
+def test_what_is_left_to_do_compares_no_partitions(monkeypatch):
+    compared = []
+    monkeypatch.setattr(run.Partition, "__eq__", lambda a, b: compared.append(1) or a is b)
+    parts = run.plan_partitions([item(f"k{i}", "l") for i in range(50)], 3, 0.0, "px")
+    committed = {p.shard + ".json" for p in parts[::2]} | {"plan.json"}
+    todo, already = run.pending(parts, committed)
+    assert todo == parts[1::2] and already == sum(len(p.items) for p in parts[::2])
+    assert compared == []  # a list membership test per partition would be O(P^2) (5 min at 100k)
+
+
+def test_the_plan_id_hashes_each_item_as_asdict_did():
+    from dataclasses import asdict
+    items = [PairItem(key="k1", location="Zürich \"x\"", files=(("s1", "/a b.tif"), ("s2", "s3://b/é.tif")),
+                      split="test", index=3), item("k2", "l")]
+    cfg = IngestConfig(input="/in")
+    h = hashlib.sha256()
+    opts = {k: getattr(cfg, k) for k in ("source", "input", "prefix", "val_fraction", "tile_size", "shuffle_seed",
+                                         "encoding")}
+    opts["hashed_prefixes"] = False
+    h.update(json.dumps({"opts": opts, "per_shard": 3, "format": run.FORMAT_VERSION}, sort_keys=True).encode())
+    for it in items:
+        h.update(json.dumps(asdict(it), sort_keys=True).encode())
+    assert run._plan_id(cfg, items, 3) == h.hexdigest()
