@@ -91,8 +91,9 @@ COMMANDS: tuple[Command, ...] = (
     )),
     Command("ingest", "raw pairs -> WebDataset shards + manifest.json", "ingest.run:command", ("ingest",), flags=(
         _f("--source", key="ingest.source", choices=["sen12ms", "dfc2020", "bigearthnet", "zarr", "table",
-                                                    "manifest"]),
-        _f("--input", key="ingest.input", help="path or URL of the input tree / zarr group / pair table"),
+                                                    "manifest", "stac"]),
+        _f("--input", key="ingest.input", help="path or URL of the input tree / zarr group / pair table; "
+           "stac: a STAC API URL, a stac-geoparquet table or a static catalogue"),
         _f("--output", key="ingest.output", help="local folder, file:// or s3:// URL for the shards"),
         _f("--workers", key="ingest.workers", type=int, help="Ray tasks at once"),
         _f("--address", key="ingest.address", help="Ray cluster address (default: a local Ray)"),

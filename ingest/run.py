@@ -38,6 +38,7 @@ from dsl.contracts.shard_format import (
 from dsl.contracts.shard_index import scan_offsets, write_digests, write_index
 from dsl.contracts.storage import check_url, filesystem, is_local, join
 from ingest.raster import BadInput
+from ingest.records import Skipped
 from ingest.sources import BadRecord, PairItem, get_source
 from ingest.stats import BandStats
 from ingest.tiling import tile_pair
@@ -166,10 +167,11 @@ def hashed_prefixes(cfg: IngestConfig) -> bool:
 def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     """Read, validate and write one partition; returns (and commits) its sidecar."""
     t0 = time.perf_counter()
-    source = get_source(cfg.source, cfg.tile_size)
+    source = get_source(cfg.source, cfg.tile_size, cfg)
     writer = ShardWriter(join(cfg.output, part.path))
     s1_stats = BandStats(len(S1_BANDS), integer=False)
     s2_stats, s2_bands, bad, keys = None, None, [], []
+    skipped: Counter[str] = Counter()  # patches a source's filters leave out, by reason
     patch_min: list[int] | None = None  # [H, W] of the smallest sample: what a crop may not exceed
     try:
         for item in part.items:
@@ -178,6 +180,9 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
                 pairs = [t for p in source.read(item) for t in tile_pair(p, cfg.tile_size)]
             except BadInput as e:
                 bad.append(BadRecord(item.key, e.file, e.reason))
+                continue
+            except Skipped as e:
+                skipped[e.reason] += 1
                 continue
             for pair in pairs:
                 bands = pair.meta["s2_bands"]
@@ -200,19 +205,23 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if hasattr(source, "close"):  # datasets a source holds open for the partition
+            source.close()
     sidecar = {
         "partition": part.shard,
         "shard": shard,
         "keys": keys,
         "bad": [b.as_dict() for b in bad],
+        "skipped": dict(sorted(skipped.items())),
         "items": len(part.items),
         "s2_bands": s2_bands,
         "patch_min": patch_min,
         "stats": {"s1": s1_stats.to_json(), "s2": s2_stats.to_json() if s2_stats else None},
     }
     write_text_atomic(join(cfg.output, PARTS, part.shard + ".json"), json.dumps(sidecar))
-    return {"shard": part.shard, "samples": len(keys), "bad": len(bad), "items": len(part.items),
-            "seconds": time.perf_counter() - t0}
+    return {"shard": part.shard, "samples": len(keys), "bad": len(bad), "skipped": sum(skipped.values()),
+            "items": len(part.items), "seconds": time.perf_counter() - t0}
 
 
 PROBE_ITEMS = 64  # headers tried for the shard size before the input is called unreadable
@@ -257,11 +266,13 @@ def item_sizes(source, items: Sequence[PairItem]) -> list[int] | None:
     return sizes
 
 
-def _plan_id(cfg: IngestConfig, items: Sequence[PairItem], per_shard: int | list[int]) -> str:
+def _plan_id(cfg: IngestConfig, items: Sequence[PairItem], per_shard: int | list[int],
+             listing: str | None = None) -> str:
     """The plan's identity: options, sizing and every item, in listing order.
 
     ``per_shard`` is the items per partition, or (partitions cut by bytes) every partition's
-    item count in plan order. Each item hashes as ``json.dumps(asdict(item), sort_keys=True)``
+    item count in plan order. ``listing`` is the digest of what a source's tasks read besides
+    their items (the stac source's scene table); None for sources without one. Each item hashes as ``json.dumps(asdict(item), sort_keys=True)``
     did (the same bytes, written without ``asdict``'s deep copy): plans pinned by earlier runs
     are recognised.
     """
@@ -269,7 +280,11 @@ def _plan_id(cfg: IngestConfig, items: Sequence[PairItem], per_shard: int | list
     opts = {k: getattr(cfg, k) for k in (
         "source", "input", "prefix", "val_fraction", "tile_size", "shuffle_seed", "encoding")}
     opts["hashed_prefixes"] = hashed_prefixes(cfg)  # as resolved: None and True on S3 plan the same
-    h.update(json.dumps({"opts": opts, "per_shard": per_shard, "format": FORMAT_VERSION}, sort_keys=True).encode())
+    head = {"opts": opts, "per_shard": per_shard, "format": FORMAT_VERSION}
+    if listing is not None:  # absent for the other sources: their pinned plans keep their ids
+        head["listing"] = listing
+        head["opts"]["stac"] = cfg.stac.model_dump(mode="json")
+    h.update(json.dumps(head, sort_keys=True).encode())
     encode = json.JSONEncoder().encode
     chunk = 10_000  # one update per chunk: the hash of the concatenation is the same
     for i in range(0, len(items), chunk):
@@ -357,7 +372,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
             (every valid shard is still committed; rerun with a higher --max-bad-fraction).
     """
     t0 = time.time()
-    source = get_source(cfg.source, cfg.tile_size)
+    source = get_source(cfg.source, cfg.tile_size, cfg)
     items, listing_bad = source.list(cfg.input)
     if not items:
         raise IngestError(f"no pairs found under {cfg.input} for source '{cfg.source}' ({len(listing_bad)} bad)")
@@ -365,7 +380,8 @@ def ingest(cfg: IngestConfig) -> Manifest:
     per_shard = items_per_shard(source, items, cfg.shard_size_mb) if sizes is None else None
     parts = plan_partitions(items, per_shard, cfg.val_fraction, cfg.prefix, cfg.shuffle_seed, hashed_prefixes(cfg),
                             sizes=sizes, shard_bytes=int(cfg.shard_size_mb * 1e6))
-    plan_id = _plan_id(cfg, items, per_shard if sizes is None else [len(p.items) for p in parts])
+    plan_id = _plan_id(cfg, items, per_shard if sizes is None else [len(p.items) for p in parts],
+                       getattr(source, "listing_digest", lambda: None)())
     plan_url = join(cfg.output, PARTS, "plan.json")
     plan = _read_json(plan_url)
     if plan and plan["plan_id"] != plan_id:
@@ -373,6 +389,8 @@ def ingest(cfg: IngestConfig) -> Manifest:
             f"{cfg.output} holds an ingest of a different input or options (plan {plan['plan_id'][:12]} "
             f"vs {plan_id[:12]}); write to a new output or delete it"
         )
+    if hasattr(source, "write_listing"):  # what the tasks read besides their items (stac: the scenes)
+        source.write_listing(cfg.output)
     if not plan:
         write_text_atomic(plan_url, json.dumps({"plan_id": plan_id, "partitions": [p.shard for p in parts]}))
 
@@ -383,7 +401,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
         filesystem(cfg.output)[0].invalidate_cache()
 
     # Merge sidecars (the committed truth) into the manifest.
-    shards, bad, keys = [], [b.as_dict() for b in listing_bad], []
+    shards, bad, keys, skipped = [], [b.as_dict() for b in listing_bad], [], Counter()
     s1_stats = BandStats(len(S1_BANDS), integer=False)
     s2_stats, s2_bands, patch_min = None, None, None
     for p, side in read_sidecars(cfg.output, parts):
@@ -391,6 +409,7 @@ def ingest(cfg: IngestConfig) -> Manifest:
             raise IngestError(f"partition {p.shard} has no sidecar after the run; rerun to resume")
         bad += side["bad"]
         keys += side["keys"]
+        skipped.update(side.get("skipped", {}))  # sidecars written before skipping: none
         if side["shard"]:
             shards.append(side["shard"])
             s2_bands = s2_bands or side["s2_bands"]
@@ -446,6 +465,8 @@ def ingest(cfg: IngestConfig) -> Manifest:
         "samples": len(keys),
         "samples_by_split": splits,
         "bad": len(bad),
+        "skipped": dict(sorted(skipped.items())),
+        "listing": getattr(source, "counts", None) or None,
         "quarantine": "quarantine.jsonl",
         "bands": {"s1": list(S1_BANDS), "s2": s2_bands},
         "stats_split": "train" if cfg.val_fraction > 0 else "all",

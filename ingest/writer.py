@@ -24,7 +24,7 @@ from dsl.contracts.shard_format import (
     encode_json,
 )
 from dsl.contracts.storage import filesystem
-from ingest.sources.base import Pair
+from ingest.records import Pair
 
 BLOCK, RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
 

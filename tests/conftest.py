@@ -12,6 +12,7 @@ from fixtures.leftovers import Leftovers
 # session-scoped. Imported into each test module instead, every module got its own "session"
 # instance: a second moto server the session's Ray workers never heard of.
 from fixtures.services import mlflow_server, ray_head, ray_session, ray_two_nodes, s3_server  # noqa: F401
+from fixtures.stac_server import stac_api  # noqa: F401
 
 # A test that uses one of these starts Ray (or a server Ray workers read): it is slow.
 SLOW_FIXTURES = {"ray_session", "ray_head", "ray_two_nodes", "s3_server", "mlflow_server"}

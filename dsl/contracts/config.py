@@ -28,11 +28,65 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+# Scene classification (SCL) classes of Sentinel-2 L2A that make a pixel unusable for pretraining:
+# 0 no data, 1 saturated or defective, 3 cloud shadow, 8 cloud medium probability, 9 cloud high
+# probability, 10 thin cirrus
+SCL_SKIP = [0, 1, 3, 8, 9, 10]
+# Asset keys of the Microsoft Planetary Computer collections (sentinel-2-l2a, sentinel-1-rtc);
+# Earth Search names S2 assets by colour (blue, green ...): map them in ingest.stac.s2_assets
+S2_ASSETS = {b: b if len(b) == 3 else f"B0{b[1]}" for b in
+             ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")}
+
+
+class StacConfig(Section):
+    """``ingest.source=stac``: S2 L2A and S1 scenes from a STAC API, paired and cut into patches.
+
+    ``ingest.input`` is a STAC API URL (searched with pystac-client), a stac-geoparquet item table
+    (``*.parquet``) or a static catalogue (``catalog.json``/``collection.json``). Each S2 scene is
+    paired with the S1 scene that overlaps it closest in time within ``pair_days``; patches are cut
+    on the S2 10 m grid, S1 is warped onto each patch.
+    """
+
+    s2_collection: str = "sentinel-2-l2a"
+    s1_collection: str = "sentinel-1-rtc"
+    bbox: tuple[float, float, float, float] | None = Field(
+        None, description="area as lon/lat min_x, min_y, max_x, max_y (EPSG:4326)")
+    intersects: str | None = Field(None, description="area as a GeoJSON geometry: inline JSON or a "
+                                   "file path/URL; with bbox, both must hold")
+    datetime: str | None = Field(None, description="RFC 3339 date or interval, e.g. 2020-06-01/2020-08-31")
+    max_cloud_cover: float = Field(100.0, ge=0, le=100, description="S2 scenes with a larger "
+                                   "eo:cloud_cover are not searched for")
+    max_items: int | None = Field(None, ge=1, description="stop the search after this many S2 scenes")
+    pair_days: float = Field(6.0, gt=0, description="an S1 scene pairs with an S2 scene when their "
+                             "acquisitions are at most this many days apart")
+    s2_assets: dict[str, str] = Field(default_factory=lambda: dict(S2_ASSETS), description="S2 band "
+                                      "(B1..B12, B8A; no B10) -> asset key")
+    scl_asset: str = "SCL"
+    s1_assets: dict[str, str] = Field(default_factory=lambda: {"VV": "vv", "VH": "vh"},
+                                      description="S1 polarisation -> asset key")
+    s1_units: dict[str, Literal["linear", "db"]] = Field(
+        default_factory=lambda: {"sentinel-1-rtc": "linear", "sentinel-1-grd": "linear"},
+        description="backscatter units of each S1 collection's assets; a collection not listed here "
+        "is refused (no guessing): linear power read as dB would pass every type check")
+    scl_skip: list[int] = Field(default_factory=lambda: list(SCL_SKIP), description="SCL classes that "
+                                "count against a patch (default: no data, saturated, cloud shadow, "
+                                "cloud medium/high probability, thin cirrus)")
+    max_scl_fraction: float = Field(0.05, ge=0, le=1, description="a patch with more of its pixels in "
+                                    "scl_skip classes is skipped (counted by reason in the manifest)")
+    max_nodata_fraction: float = Field(0.0, ge=0, le=1, description="a patch with more S1 or S2 nodata "
+                                       "pixels than this is skipped; nodata left in a kept patch is "
+                                       "filled (S2 0, S1 the patch's median dB)")
+    retries: int = Field(5, ge=0, description="a transient read error (HTTP 5xx/429, timeout) is "
+                         "retried this often with exponential backoff before the scene is quarantined")
+    retry_backoff_s: float = Field(1.0, ge=0, description="first retry's wait; doubles per retry")
+
+
 class IngestConfig(Section):
     """``dsl ingest``: raw rasters -> WebDataset shards + manifest.json."""
 
-    source: Literal["sen12ms", "dfc2020", "bigearthnet", "zarr", "table", "manifest"] = Field(
-        "sen12ms", description="table: a CSV/Parquet pair table of raster URLs (formerly 'manifest')")
+    source: Literal["sen12ms", "dfc2020", "bigearthnet", "zarr", "table", "manifest", "stac"] = Field(
+        "sen12ms", description="table: a CSV/Parquet pair table of raster URLs (formerly 'manifest'); "
+        "stac: Sentinel scenes from a STAC API or item table (ingest.stac)")
     input: str = ""
     output: str = "work/shards"
     prefix: str = Field("pairs", pattern=r"^[A-Za-z0-9_]+$")
@@ -53,6 +107,7 @@ class IngestConfig(Section):
         "compact", description="compact: s1.blosc (int16 fixed-point dB, within 0.01 dB) and s2.blosc "
         "(lossless); plain: float32 s1.npy and uint16 s2.npy as format 1 wrote them")
     progress: bool = True
+    stac: StacConfig = StacConfig()
 
 
 class DataConfig(Section):

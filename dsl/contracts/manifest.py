@@ -97,6 +97,8 @@ class Manifest(_Record):
     samples: int | None = None
     samples_by_split: dict[str, int] | None = None
     bad: int | None = None
+    skipped: dict[str, int] | None = None  # patches a source's filters left out, by reason (stac)
+    listing: dict | None = None  # what the source's listing found (stac: scenes searched, paired ...)
     quarantine: str | None = None
     stats_split: str | None = None
     seconds: float | None = None

@@ -3,69 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from dsl.contracts.shard_format import KEY_RE, S1_BANDS
+from dsl.contracts.shard_format import S1_BANDS
 from ingest.raster import BadInput, Raster
+from ingest.records import BadRecord, Pair, PairItem, check_key
 
-
-@dataclass(frozen=True)
-class PairItem:
-    """A pair to read: cheap to list, ship to a Ray task and sort. ``files`` maps role -> URL."""
-
-    key: str
-    location: str  # the place: train/val split never separates one location
-    files: tuple[tuple[str, str], ...]
-    split: str | None = None  # a split the source itself defines (DFC2020 validation/test)
-    index: int | None = None  # row in array sources (zarr)
-
-    def file(self, role: str) -> str | None:
-        """Return the URL of the file with this role (e.g. ``s1``, ``s2``), or None."""
-        return dict(self.files).get(role)
-
-
-@dataclass
-class Pair:
-    """One validated, co-located S1/S2 sample, ready to be written to a shard.
-
-    Attributes:
-        key: The sample key (letters, digits, ``_`` and ``-``).
-        location: The place it shows; a train/val split never separates one location.
-        s1: float32 [2, H, W], VV and VH backscatter in dB.
-        s2: uint16 [C, H, W], reflectance x 10000.
-        meta: The sample's metadata (ids, CRS, geotransform, band names, files ...).
-        dfc: uint8 [H, W] remapped DFC land-cover mask, for labelled sources.
-        extra: Further shard members of a source, by extension.
-    """
-
-    key: str
-    location: str
-    s1: np.ndarray  # float32 [2, H, W] dB
-    s2: np.ndarray  # uint16 [C, H, W]
-    meta: dict
-    dfc: np.ndarray | None = None  # uint8 [H, W] remapped DFC mask
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """An input left out of the dataset and written to ``quarantine.jsonl``.
-
-    Attributes:
-        key: The item or sample key.
-        file: The file at fault.
-        reason: Why it was refused.
-    """
-
-    key: str
-    file: str
-    reason: str
-
-    def as_dict(self) -> dict:
-        """Return the record as a plain dict (a quarantine line, a sidecar entry)."""
-        return {"key": self.key, "file": self.file, "reason": self.reason}
+__all__ = ["BadRecord", "Pair", "PairItem", "Source", "check_key", "check_values", "make_pair"]
 
 
 class Source:
@@ -99,17 +44,6 @@ class Source:
         of the item (a resumed run must plan the same partitions).
         """
         return None
-
-
-def check_key(key: str) -> str:
-    """Return ``key`` if it is a valid sample key (no dots: webdataset splits at the first).
-
-    Raises:
-        ValueError: The key has characters other than letters, digits, ``_`` and ``-``.
-    """
-    if not KEY_RE.match(key):
-        raise ValueError(f"sample key {key!r} has characters other than letters, digits, _ and -")
-    return key
 
 
 def s1_array(r: Raster) -> np.ndarray:

@@ -76,7 +76,7 @@ class Source:
 def in_process(monkeypatch):
     """Partitions run serially in this process; returns each run's todo (shard file names)."""
     calls = []
-    monkeypatch.setattr(run, "get_source", lambda name, tile_size: Source())
+    monkeypatch.setattr(run, "get_source", lambda name, tile_size, cfg=None: Source())
 
     def tasks(cfg, todo, total_items, already, listing_bad):
         calls.append([p.shard for p in todo])

@@ -206,14 +206,14 @@ class FakeSource:
 def test_write_partition_quarantines_a_band_set_that_differs(tmp_path, monkeypatch):
     made = []
     source = FakeSource({"a": [["B1", "B2"], ["B1", "B3"], ["B1", "B2"]], "b": "unreadable", "c": [["B1", "B2"]]})
-    monkeypatch.setattr(run, "get_source", lambda name, tile: made.append((name, tile)) or source)
+    monkeypatch.setattr(run, "get_source", lambda name, tile, cfg=None: made.append((name, tile)) or source)
     cfg = IngestConfig(input="/in", output=str(tmp_path), source="table", tile_size=64)
     part = run.Partition("train", 4, (item("a", "x"), item("b", "y"), item("c", "z")), "px")
     out = run.write_partition(cfg, part)
     assert made == [("table", 64)]
     seconds = out.pop("seconds")
     assert 0 <= seconds < 60
-    assert out == {"shard": "px-train-000004.tar", "samples": 3, "bad": 2, "items": 3}
+    assert out == {"shard": "px-train-000004.tar", "samples": 3, "bad": 2, "skipped": 0, "items": 3}
     side = json.loads((tmp_path / "_parts" / "px-train-000004.tar.json").read_text())
     assert side["partition"] == "px-train-000004.tar" and side["items"] == 3 and side["s2_bands"] == ["B1", "B2"]
     assert side["keys"] == ["a_0", "a_2", "c_0"]  # the tile after the odd one is still written
@@ -227,7 +227,7 @@ def test_write_partition_quarantines_a_band_set_that_differs(tmp_path, monkeypat
 
 
 def test_a_partition_of_bad_items_commits_no_shard(tmp_path, monkeypatch):
-    monkeypatch.setattr(run, "get_source", lambda name, tile: FakeSource({"a": "broken"}))
+    monkeypatch.setattr(run, "get_source", lambda name, tile, cfg=None: FakeSource({"a": "broken"}))
     out = run.write_partition(IngestConfig(input="/in", output=str(tmp_path)), run.Partition(None, 0, (item("a", "x"),)))
     assert (out["samples"], out["bad"]) == (0, 1)
     side = json.loads((tmp_path / "_parts" / "pairs-000000.tar.json").read_text())
@@ -316,7 +316,7 @@ def test_an_ingest_cuts_by_bytes_when_the_source_sizes_its_items(tmp_path, monke
     monkeypatch.setattr(run, "_run_tasks", lambda cfg, todo, *_: sum(run.write_partition(cfg, p)["seconds"] for p in todo))
     cfg = IngestConfig(input="/in", output=str(tmp_path / "bytes"), shard_size_mb=0.003, progress=False)
     by_bytes = ListedSource(tiles, sizes={k: 1000 * len(v) for k, v in tiles.items()})
-    monkeypatch.setattr(run, "get_source", lambda name, tile: by_bytes)
+    monkeypatch.setattr(run, "get_source", lambda name, tile, cfg=None: by_bytes)
     m = run.ingest(cfg)
     items, _ = by_bytes.list("/in")
     parts = run.plan_partitions(items, None, 0.0, "pairs", sizes=[by_bytes.item_bytes(i) for i in items],
@@ -328,7 +328,7 @@ def test_an_ingest_cuts_by_bytes_when_the_source_sizes_its_items(tmp_path, monke
                     "partitions": [p.shard for p in parts]}
     # the same input sized by the probe: another plan (so another plan id), 3 items a partition
     probed = ListedSource(tiles, estimate={k: 1000 for k in tiles})
-    monkeypatch.setattr(run, "get_source", lambda name, tile: probed)
+    monkeypatch.setattr(run, "get_source", lambda name, tile, cfg=None: probed)
     m2 = run.ingest(cfg.model_copy(update={"output": str(tmp_path / "count")}))
     assert [s.samples for s in m2.shards] == [
         sum(len(tiles[i.key]) for i in p.items) for p in run.plan_partitions(items, 3, 0.0, "pairs")]

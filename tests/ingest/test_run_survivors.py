@@ -82,7 +82,7 @@ def setup(monkeypatch):
     def use(source, **task_kw):
         made = []
         tasks = Tasks(**task_kw)
-        monkeypatch.setattr(run, "get_source", lambda name, tile_size: made.append((name, tile_size)) or source)
+        monkeypatch.setattr(run, "get_source", lambda name, tile_size, cfg=None: made.append((name, tile_size)) or source)
         monkeypatch.setattr(run, "_run_tasks", tasks)
         return tasks, made
     return use

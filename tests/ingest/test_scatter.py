@@ -126,7 +126,7 @@ class TiledSource:
 
 @pytest.fixture
 def in_process(monkeypatch):
-    monkeypatch.setattr(run, "get_source", lambda name, tile_size: TiledSource())
+    monkeypatch.setattr(run, "get_source", lambda name, tile_size, cfg=None: TiledSource())
 
     def tasks(cfg, todo, total_items, already, listing_bad):
         for p in todo:

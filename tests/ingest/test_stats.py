@@ -251,7 +251,7 @@ class ArraySource:
 
 def test_an_ingest_resumed_from_sidecars_of_the_format_before_gives_the_same_statistics(tmp_path, monkeypatch):
     source = ArraySource(12)
-    monkeypatch.setattr(run, "get_source", lambda name, tile_size: source)
+    monkeypatch.setattr(run, "get_source", lambda name, tile_size, cfg=None: source)
     monkeypatch.setattr(run, "_run_tasks", lambda cfg, todo, *_: sum(run.write_partition(cfg, p)["seconds"] for p in todo))
     cfg = IngestConfig(input="/in", output=str(tmp_path), shard_size_mb=1.0, progress=False, encoding="plain")
     clean = run.ingest(cfg).stats.model_dump()

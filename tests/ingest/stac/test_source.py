@@ -1,0 +1,136 @@
+"""The stac source between search and reading, fast: items per patch, the scene table, the plan."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import ingest.stac.search as search
+from dsl.contracts.config import IngestConfig
+from ingest import run
+from ingest.records import Skipped
+from ingest.sources import get_source
+from ingest.stac.scene import Scene
+from ingest.stac.source import StacSource
+
+
+def scene(s2_id: str, shape=(100, 130), grid="33UUP", href="s3://b/x.tif") -> Scene:
+    return Scene(s2_id=s2_id, s2_datetime="2020-06-01T10:00:00Z", s2_assets={"B2": href}, scl=None,
+                 s2_offset=-1000.0, crs="EPSG:32633", transform=(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0),
+                 shape=shape, grid=grid, s1_id="S1", s1_datetime="2020-06-02T17:00:00Z",
+                 s1_assets={"VV": href, "VH": href}, s1_units="linear", gap_days=1.3, s1_collection="sentinel-1-rtc")
+
+
+@pytest.fixture
+def found(monkeypatch):
+    """``found[:] = scenes``: what the search returns."""
+    scenes: list[Scene] = []
+    monkeypatch.setattr(search, "search_scenes", lambda cfg, url: (list(scenes), [], {"paired": len(scenes)}))
+    return scenes
+
+
+def source(tmp_path, tile=32) -> StacSource:
+    return get_source("stac", tile, IngestConfig(source="stac", input="http://stac", output=str(tmp_path),
+                                                 tile_size=tile))
+
+
+def test_one_item_per_whole_patch_located_on_the_grid(tmp_path, found):
+    found[:] = [scene("B"), scene("A", shape=(64, 64), grid="32TLR"), scene("A", shape=(64, 64))]
+    src = source(tmp_path)
+    items, bad = src.list("http://stac")
+    # scene B: 100 x 130 px -> 3 x 4 whole 32-px patches; A (listed twice: once) 2 x 2
+    assert bad == [] and len(items) == 12 + 4
+    assert [i.key for i in items[:5]] == ["A_r0_c0", "A_r0_c1", "A_r1_c0", "A_r1_c1", "B_r0_c0"]
+    b = {i.key: i for i in items if i.key.startswith("B")}
+    assert b["B_r2_c3"].location == "33UUP_r2_c3" and b["B_r2_c3"].index == 2 * 4 + 3
+    assert b["B_r1_c0"].files == (("scene", "B"),)
+    assert items[0].location == "32TLR_r0_c0"  # the first listing of A is kept
+    assert src.counts == {"paired": 3, "scenes": 2, "patches": 16}
+    assert all(src.item_bytes(i) == 32 * 32 * (4 * 2 + 2 * 12) + 2048 for i in items)
+    assert src.estimate_bytes(items[0]) == src.item_bytes(items[0])
+
+
+def test_the_scene_table_is_written_when_asked_and_read_back_in_order(tmp_path, found):
+    found[:] = [scene("A"), scene("B")]
+    src = source(tmp_path)
+    src.list("http://stac")
+    assert not (tmp_path / "_parts" / "scenes.jsonl").exists()  # not before the plan is checked
+    src.write_listing(str(tmp_path))
+    reader = source(tmp_path)  # a task's own source: it reads the table
+    assert reader._scene("B") == scene("B") and reader._scene("A").s2_assets == {"B2": "s3://b/x.tif"}
+
+
+def test_a_patch_is_read_at_its_row_and_column(tmp_path, found, monkeypatch):
+    import ingest.stac.read as read
+
+    calls = []
+
+    class Reader:
+        def __init__(self, cfg):
+            calls.append("open")
+
+        def read_patch(self, sc, row, col, tile):
+            calls.append((sc.s2_id, row, col, tile))
+            return "pair"
+
+        def close(self):
+            calls.append("close")
+
+    monkeypatch.setattr(read, "SceneReader", Reader)
+    found[:] = [scene("B")]
+    src = source(tmp_path)
+    items, _ = src.list("http://stac")
+    src.write_listing(str(tmp_path))
+    task = source(tmp_path)
+    assert list(task.read(items[7])) == ["pair"] and list(task.read(items[11])) == ["pair"]
+    task.close()
+    task.close()
+    assert calls == ["open", ("B", 1, 3, 32), ("B", 2, 3, 32), "close"]  # one reader per task
+
+
+def test_the_plan_changes_with_the_scene_table(tmp_path, found):
+    cfg = IngestConfig(source="stac", input="http://stac", output=str(tmp_path), tile_size=32)
+    found[:] = [scene("A")]
+    src = source(tmp_path)
+    items, _ = src.list("http://stac")
+    first = run._plan_id(cfg, items, [len(items)], src.listing_digest())
+    found[:] = [scene("A", href="s3://b/other.tif")]  # the same ids, other assets
+    again = source(tmp_path)
+    items2, _ = again.list("http://stac")
+    assert items2 == items and again.listing_digest() != src.listing_digest()
+    assert run._plan_id(cfg, items2, [len(items)], again.listing_digest()) != first
+    # and a filter changed in the config plans anew too
+    cfg2 = cfg.model_copy(update={"stac": cfg.stac.model_copy(update={"max_scl_fraction": 0.5})})
+    assert run._plan_id(cfg2, items, [len(items)], src.listing_digest()) != first
+    # other sources (no listing digest) keep the plan ids pinned before
+    assert run._plan_id(cfg, items, [len(items)]) == run._plan_id(cfg2, items, [len(items)])
+
+
+def test_a_skipped_patch_is_counted_by_reason_not_quarantined(tmp_path, monkeypatch):
+    from ingest.records import PairItem
+
+    class Source:
+        closed = 0
+
+        def read(self, item):
+            raise Skipped("cloud" if item.key != "c" else "s1_nodata", "detail")
+
+        def close(self):
+            Source.closed += 1
+
+    monkeypatch.setattr(run, "get_source", lambda name, tile, cfg=None: Source())
+    cfg = IngestConfig(input="/in", output=str(tmp_path), source="table")
+    items = tuple(PairItem(k, k, (("s1", k),)) for k in "abc")
+    out = run.write_partition(cfg, run.Partition(None, 0, items, "px"))
+    assert (out["samples"], out["bad"], out["skipped"]) == (0, 0, 3) and Source.closed == 1
+    import json
+
+    side = json.loads((tmp_path / "_parts" / "px-000000.tar.json").read_text())
+    assert side["skipped"] == {"cloud": 2, "s1_nodata": 1} and side["bad"] == [] and side["shard"] is None
+
+
+def test_the_source_needs_its_config():
+    with pytest.raises(ValueError, match="stac source needs the ingest config"):
+        get_source("stac", 32)
+    assert dataclasses.is_dataclass(scene("A"))
