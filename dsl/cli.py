@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(command.name, "config error", cause, 2)
         if isinstance(cause, (JobFailed, TimeoutError)):
             return _fail(command.name, "error", cause, 1)
-        if isinstance(cause, (ValueError, FileNotFoundError, NotADirectoryError, ConnectionError)):
+        if isinstance(cause, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError)):
             return _fail(command.name, "error", cause, 2)
         raise  # not an input or a job failure: a bug, whose traceback is wanted
 

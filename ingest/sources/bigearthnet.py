@@ -14,6 +14,7 @@ import numpy as np
 
 from dsl.contracts.shard_format import S2_L2A_BANDS
 from dsl.contracts.storage import filesystem
+from ingest.listing import find_files
 from ingest.raster import BadInput, Raster, raster_shape, read_raster
 from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
@@ -38,7 +39,7 @@ class BigEarthNet(Source):
             raise FileNotFoundError(f"input {input_url} does not exist")
         proto = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
         folders: dict[str, str] = {}  # patch name -> folder URL
-        for path in sorted(fs.find(root)):
+        for path in find_files(root, fs):  # concurrent listings on object stores
             if path.endswith("_labels_metadata.json"):
                 folder, name = path.rsplit("/", 1)
                 folders[name[: -len("_labels_metadata.json")]] = proto + folder

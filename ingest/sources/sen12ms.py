@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 from dsl.contracts.shard_format import S2_L1C_BANDS, dfc_remap, dfc_targets
 from dsl.contracts.storage import filesystem
+from ingest.listing import find_files
 from ingest.raster import BadInput, raster_shape, read_raster
 from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
@@ -51,7 +52,7 @@ class SEN12MS(Source):
             raise FileNotFoundError(f"input {input_url} does not exist")
         proto = input_url.split("://", 1)[0] + "://" if "://" in input_url else ""
         groups: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
-        for path in sorted(fs.find(root)):
+        for path in find_files(root, fs):  # concurrent listings on object stores
             m = NAME_RE.match(path.rsplit("/", 1)[-1])
             if m:
                 groups[(m["season"], m["scene"], m["patch"])][m["sensor"]] = proto + path

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dsl.cli import BY_NAME, COMMANDS, build_parser, load, resolve
+from dsl.cli import BY_NAME, COMMANDS, build_parser, load, main, resolve
 
 
 def test_every_command_resolves_and_has_help():
@@ -60,3 +60,16 @@ def test_training_commands_require_a_config(name, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args([name])
     assert e.value.code == 2 and "--config" in capsys.readouterr().err
+
+
+def test_a_refused_permission_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import ingest.run
+
+    def refused(cfg, args):
+        raise PermissionError("listing s3://bucket/raw/ROIs0000_test failed: PermissionError: Access Denied")
+
+    monkeypatch.setattr(ingest.run, "command", refused)
+    assert main(["ingest", "--input", "s3://bucket/raw", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "dsl ingest: error: listing s3://bucket/raw/ROIs0000_test failed: PermissionError: Access Denied"]
