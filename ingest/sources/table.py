@@ -6,19 +6,26 @@ readers start from).
 
 Rasters larger than the tile size are cut into non-overlapping tiles (512 -> four 256; edges
 that do not fill a tile are dropped). Each pair must share CRS and grid.
+
+A source reads one partition (``ingest.run.write_partition``, which calls :meth:`close` at its
+end): each raster is opened once for all its tiles, and a remote one (``s3://``, ``http(s)://``)
+is read by the byte ranges of each tile's blocks (:mod:`ingest.raster`), so the bytes fetched
+for all tiles are about the file's size, not the file once per tile.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import fsspec
 import pandas as pd
 from rasterio.windows import Window
 
 from dsl.contracts.shard_format import S2_L1C_BANDS, S2_L2A_BANDS
-from ingest.raster import BadInput, raster_shape, read_raster
+from ingest.raster import BadInput, OpenRasters, RetryPolicy, raster_shape
 from ingest.sources.base import BadRecord, Pair, PairItem, Source, check_key, make_pair
 
 COLUMNS = ("s1", "s2", "id", "location", "label")
@@ -33,12 +40,30 @@ class PairTableSource(Source):
 
     Args:
         tile_size: Edge of the square tiles, in pixels.
+        retry: Retries of transient errors of remote reads (default ``ingest.raster.RETRY``).
+        sleep: Waits between retries (tests pass a recorder).
     """
 
     name = "table"
 
-    def __init__(self, tile_size: int = 256):
+    def __init__(self, tile_size: int = 256, retry: RetryPolicy | None = None,
+                 sleep: Callable[[float], Any] = time.sleep):
         self.tile_size = tile_size
+        self.retry = retry
+        self.sleep = sleep
+        self._rasters: OpenRasters | None = None  # built on first read: the driver's listing opens nothing
+
+    @property
+    def rasters(self) -> OpenRasters:
+        """The rasters this source holds open (``opens`` counts each URL's opens)."""
+        if self._rasters is None:
+            self._rasters = OpenRasters(self.retry, self.sleep)
+        return self._rasters
+
+    def close(self) -> None:
+        """Close the rasters held open (the end of a partition)."""
+        if self._rasters is not None:
+            self._rasters.close()
 
     def list(self, input_url: str) -> tuple[list[PairItem], list[BadRecord]]:
         """Read the table: one item per row, keyed by ``id`` or the S1 file's stem.
@@ -95,8 +120,9 @@ class PairTableSource(Source):
             BadInput: The rasters differ in size or are smaller than one tile.
         """
         s1_url, s2_url = item.file("s1"), item.file("s2")
-        b1, h, w, _ = raster_shape(s1_url)
-        b2, h2, w2, _ = raster_shape(s2_url)
+        rasters = self.rasters  # each raster opened once for all its tiles, until close()
+        b1, h, w, _ = rasters.shape(s1_url)
+        b2, h2, w2, _ = rasters.shape(s2_url)
         if (h, w) != (h2, w2):
             raise BadInput(s2_url, f"grid mismatch with partner {s1_url}: size {(h2, w2)} vs {(h, w)}")
         t = self.tile_size
@@ -108,4 +134,5 @@ class PairTableSource(Source):
                 win = Window(c * t, r * t, t, t)
                 key = item.key if (h, w) == (t, t) else f"{item.key}_r{r}_c{c}"
                 meta = {"source": self.name, "tile": [r, c], "tile_size": t, "label": item.file("label")}
-                yield make_pair(key, item.location, read_raster(s1_url, window=win), read_raster(s2_url, window=win), bands, meta)
+                yield make_pair(key, item.location, rasters.read(s1_url, window=win), rasters.read(s2_url, window=win),
+                                bands, meta)

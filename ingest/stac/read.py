@@ -18,7 +18,7 @@ patch (row, col) of ``tile`` px lies on the S2 scene's 10 m grid:
 Skips raise :class:`PatchSkipped` with a stable reason (:data:`REASONS`); unreadable or
 mis-declared inputs raise ``ingest.raster.BadInput`` naming the asset; the caller decides per
 patch, so one bad patch never drops its scene. Transient errors are retried (see
-``ingest.stac.gdal_env``).
+``ingest.gdal_env``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from rasterio.windows import Window
 
 from dsl.contracts.config import StacConfig
 from dsl.contracts.shard_format import S1_BANDS
+from ingest.gdal_env import gdal_options, is_transient, messages, vsi_path
 from ingest.raster import BadInput
 from ingest.records import Pair, Skipped, check_key
-from ingest.stac.gdal_env import gdal_options, is_transient, messages, vsi_path
 from ingest.stac.scene import Scene
 
 # PatchSkipped reasons, stable codes the manifest counts by
@@ -88,7 +88,7 @@ class SceneReader:
     """Reads patches of scenes, one reader per Ray task; a context manager (or call :meth:`close`).
 
     Every asset is opened once per reader (datasets cached by href) inside the reader's
-    ``rasterio.Env`` (:func:`ingest.stac.gdal_env.gdal_options`), so a COG's header is fetched
+    ``rasterio.Env`` (:func:`ingest.gdal_env.gdal_options`), so a COG's header is fetched
     once however many patches are read from it.
 
     Args:

@@ -74,8 +74,9 @@ def test_sen12ms_real_pair_bit_for_bit(sen12ms_tree, tmp_path, ray_session):
     assert {q["key"] for q in quarantined} == {"ROIs1158_spring_1_p30", "ROIs2017_winter_102_p926"}
     assert all("missing partner" in q["reason"] for q in quarantined)
 
-    # statistics: min/max exact over all pixels; moments and percentiles exact over the fixed
-    # 1-in-16 pixel sample (S2) or to the 0.01 dB bin (S1), and close to the full patch's
+    # statistics: min/max exact over all pixels; moments exact over the fixed 1-in-16 pixel
+    # sample; percentiles within 0.5% (S2, exact below 200) or 0.025 dB (S1) of the sample's
+    # (ingest/stats.py: a few KB of histogram per partition), and close to the full patch's
     st = m.stats.model_dump()
     for b, name in enumerate(S2_L1C_BANDS):
         full = want_s2[b].astype(np.float64)
@@ -84,15 +85,16 @@ def test_sen12ms_real_pair_bit_for_bit(sen12ms_tree, tmp_path, ray_session):
         assert st["s2"][name]["std"] == pytest.approx(band.std(), rel=1e-9)
         assert st["s2"][name]["mean"] == pytest.approx(full.mean(), rel=0.02)
         assert st["s2"][name]["min"] == full.min() and st["s2"][name]["max"] == full.max()
-        # percentiles use the inverted-CDF definition (exact for integer bands)
-        assert st["s2"][name]["p99"] == np.percentile(band, 99, method="inverted_cdf")
-        assert st["s2"][name]["p1"] == np.percentile(band, 1, method="inverted_cdf")
+        # percentiles use the inverted-CDF definition
+        for q in (1, 99):
+            exact = np.percentile(band, q, method="inverted_cdf")
+            assert st["s2"][name][f"p{q}"] == (exact if exact < 200 else pytest.approx(exact, rel=0.005))
     for b, name in enumerate(["VV", "VH"]):
         full = want_s1[b].astype(np.float64)
         band = full[::STRIDE, ::STRIDE]
         assert st["s1"][name]["mean"] == pytest.approx(band.mean(), rel=1e-6)
         assert st["s1"][name]["std"] == pytest.approx(band.std(), rel=1e-6)
-        assert st["s1"][name]["p1"] == pytest.approx(np.percentile(band, 1, method="inverted_cdf"), abs=0.01)
+        assert st["s1"][name]["p1"] == pytest.approx(np.percentile(band, 1, method="inverted_cdf"), abs=0.025)
         assert st["s1"][name]["min"] == pytest.approx(full.min()) and st["s1"][name]["max"] == pytest.approx(full.max())
 
 

@@ -21,8 +21,8 @@ from rasterio.errors import RasterioIOError
 from rasterio.warp import reproject
 
 from dsl.contracts.config import StacConfig
+from ingest.gdal_env import gdal_options, is_transient, vsi_path
 from ingest.raster import BadInput
-from ingest.stac.gdal_env import gdal_options, is_transient, vsi_path
 from ingest.stac.read import CLOUD, S1_NODATA, PatchSkipped, SceneReader, patch_transform
 
 TILE = 20  # 6 x 6 patches on the 120 x 120 px scene

@@ -1,22 +1,26 @@
-"""GDAL settings for windowed range reads of scene COGs over HTTP(S) and S3, and error triage.
+"""GDAL settings for windowed range reads of COGs over HTTP(S) and S3, and error triage.
+
+Shared by the STAC reader (``ingest.stac.read``) and the raster reader of the other sources
+(``ingest.raster``): a leaf module, so neither imports the other.
 
 Only the byte ranges of the blocks a patch needs are fetched: GDAL reads a COG's header (the
 first ``GDAL_INGESTED_BYTES_AT_OPEN`` bytes, 16 KiB by default) when the file is opened, then
 one range request per run of blocks (``GDAL_HTTP_MERGE_CONSECUTIVE_RANGES`` joins adjacent ones).
 
-Retries (two layers, both from ``ingest.stac.retries`` / ``retry_backoff_s``):
+Retries (two layers; the STAC reader takes both from ``ingest.stac.retries`` /
+``retry_backoff_s``, ``ingest.raster`` from its fixed policy ``ingest.raster.RETRY``):
 
 - GDAL's own, per HTTP request: ``GDAL_HTTP_MAX_RETRY`` = retries, ``GDAL_HTTP_RETRY_DELAY`` =
   backoff; GDAL retries 429, 500, 502, 503 and 504 answers (and, since 3.7, curl's timeouts and
   connection resets), doubling the delay (with jitter) each time.
-- The reader's, per asset read (:func:`is_transient` decides): what still fails after GDAL's
+- The reader's, per read (:func:`is_transient` decides): what still fails after GDAL's
   retries, or fails where GDAL does not retry, is retried after closing and reopening the
   dataset, with the same exponential backoff. GDAL often reports a failed remote block read only
   as libtiff's "Read error ... got 0 bytes" (measured against moto behind a 503-injecting
   proxy), so that counts as transient for s3/http hrefs (and as truncation for local files).
 
-A persistently failing request is thus tried at most (retries + 1)^2 times, with waits bounded
-by about ``2 x backoff x 2^retries`` per layer.
+A persistently failing request is thus tried at most (GDAL's retries + 1) x (the reader's
+retries + 1) times, with waits bounded by about ``2 x backoff x 2^retries`` per layer.
 """
 
 from __future__ import annotations
