@@ -176,15 +176,23 @@ def write_partition(cfg: IngestConfig, part: Partition) -> dict:
     try:
         for item in part.items:
             try:
-                # all tiles of an item or none of them
-                pairs = [t for p in source.read(item) for t in tile_pair(p, cfg.tile_size)]
+                # all tiles of an item or none of them; a source that reads an item's patches
+                # one by one (stac) reports each one that is not a pair as its own outcome
+                outcomes = [t for p in source.read(item)
+                            for t in ([p] if isinstance(p, (Skipped, BadRecord)) else tile_pair(p, cfg.tile_size))]
             except BadInput as e:
                 bad.append(BadRecord(item.key, e.file, e.reason))
                 continue
             except Skipped as e:
                 skipped[e.reason] += 1
                 continue
-            for pair in pairs:
+            for pair in outcomes:
+                if isinstance(pair, Skipped):
+                    skipped[pair.reason] += 1
+                    continue
+                if isinstance(pair, BadRecord):
+                    bad.append(pair)
+                    continue
                 bands = pair.meta["s2_bands"]
                 if s2_bands is None:
                     s2_bands, s2_stats = bands, BandStats(len(bands), integer=True)

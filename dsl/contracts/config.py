@@ -76,6 +76,10 @@ class StacConfig(Section):
     max_nodata_fraction: float = Field(0.0, ge=0, le=1, description="a patch with more S1 or S2 nodata "
                                        "pixels than this is skipped; nodata left in a kept patch is "
                                        "filled (S2 0, S1 the patch's median dB)")
+    block_patches: int = Field(8, ge=1, description="patches are listed, planned and read in blocks "
+                               "of block_patches x block_patches of one scene: a task opens a scene's COGs "
+                               "(their headers are ~100 KB each) once per block, not once per patch, and "
+                               "the planner still scatters each scene's blocks over all shards")
     retries: int = Field(5, ge=0, description="a transient read error (HTTP 5xx/429, timeout) is "
                          "retried this often with exponential backoff before the scene is quarantined")
     retry_backoff_s: float = Field(1.0, ge=0, description="first retry's wait; doubles per retry")

@@ -60,7 +60,7 @@ def ingested(tmp_path, stac_api, capsys, bucket_name: str, *options: str):
     url = stac_api(items_for(scene, files))
     out = f"{bucket}/shards"
     rc = cli(["ingest", "--source", "stac", "--input", url, "--output", out, "--tile-size", str(TILE),
-              "--no-progress", *options, "ingest.stac.s1_collection=sentinel-1-grd"])
+              "--no-progress", *options, "ingest.stac.s1_collection=sentinel-1-grd", "ingest.stac.block_patches=2"])
     assert rc == 0, capsys.readouterr().err
     return files, out
 
@@ -77,6 +77,7 @@ def test_search_pair_ingest_and_read(tmp_path, ray_session, stac_api, capsys):
     assert m.samples == len(kept) and m.bad == 0
     assert m.skipped == {"cloud": len(cloudy), "s1_nodata": len(no_s1)}
     assert m.listing["scenes"] == 1 and m.listing["patches"] == 25 and m.listing["paired"] == 1
+    assert m.listing["blocks"] == 9  # 5 x 5 patches in blocks of at most 2 x 2
     assert m.bands.s2 == list(S2_L2A_BANDS) and len(m.shards) > 1  # the scene's patches spread over shards
 
     # the loader reads every kept patch of the scene
