@@ -138,6 +138,13 @@ COMMANDS: tuple[Command, ...] = (
                 _f("--no-ship-code", action="store_true"),
                 _REMAINDER,
             )),
+    Command("cluster", "render KubeRay and `ray up` cluster definitions from the cluster config section",
+            "cluster.render:command", ("cluster",), flags=(
+                _f("action", choices=["render"], help="what to do: render a definition"),
+                _f("--kind", required=True, choices=["raycluster", "rayjob", "raycronjob", "launcher"],
+                   help="raycluster, rayjob, raycronjob (KubeRay) or launcher (`ray up` config)"),
+                _f("--out", help="write the YAML here instead of stdout"),
+            )),
     Command("demo", "the whole pipeline on embedded defaults (what `make demo` runs)", "dsl.demo:command", flags=(
         _f("--work", default="work", help="folder for data, shards, runs and the MLflow store"),
         _f("--locations", type=int, default=2048, help="synthetic unlabelled locations"),
@@ -209,7 +216,14 @@ def _fail(name: str, kind: str, e: BaseException, code: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``dsl <argv>``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse hands out a run of positionals at once: in `cluster render --kind K a.b=1`, "render"
+    # and an empty overrides list match together and a.b=1 is left over; it is an override
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     command = BY_NAME[args.command]
     try:
         cfg = load(command, args)

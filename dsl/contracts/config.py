@@ -9,12 +9,22 @@ file and the dotted key, never a silent default.
 from __future__ import annotations
 
 import difflib
+import re
 import reprlib
+import zoneinfo
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -362,6 +372,198 @@ class PromoteConfig(Section):
     lock_settle_s: float = Field(1.0, ge=0, description="registry lock: wait before verifying the write")
 
 
+# ---------------------------------------------------------------- cluster definitions
+# `dsl cluster render` turns this section into a KubeRay RayCluster, RayJob or RayCronJob, or a
+# `ray up` launcher config (cluster/render.py).
+
+# Kubernetes resource quantity, as the CRDs' own pattern writes it (resources.limits/requests).
+QUANTITY = (r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+            r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": 1e-9, "u": 1e-6,
+           "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+# DNS-1035 label, the name rule KubeRay applies to RayCluster/RayJob names. 36 characters: the
+# shortest limit of the three (a RayCronJob's child RayJob adds 11, a RayJob's RayCluster 6, to 53).
+NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+MAX_NAME = 36
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+# cron fields as KubeRay's RayCronJob reads them (robfig/cron ParseStandard): name, low, high, names
+_CRON_FIELDS = (("minute", 0, 59, ()), ("hour", 0, 23, ()), ("day-of-month", 1, 31, ()),
+                ("month", 1, 12, ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")),
+                ("day-of-week", 0, 6, ("SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT")))
+
+
+def quantity_value(text: str) -> float:
+    """A Kubernetes quantity (``16Gi``, ``500m``, ``2``) as a number (bytes, cores)."""
+    m = re.fullmatch(r"([+-]?[0-9.]+)([eE][+-]?[0-9.]+|[A-Za-z]*)", text)
+    if not m or not re.match(QUANTITY, text):
+        raise ValueError(f"{text!r} is not a Kubernetes quantity like 16Gi, 512Mi, 4 or 500m")
+    number, suffix = m.groups()
+    if suffix[:1] in ("e", "E"):
+        return float(number) * 10 ** float(suffix[1:])
+    return float(number) * _SUFFIX.get(suffix, 1)
+
+
+def _positive_quantity(text: str) -> str:
+    if quantity_value(text) <= 0:
+        raise ValueError(f"{text!r} must be more than 0")
+    return text
+
+
+Quantity = Annotated[str, AfterValidator(_positive_quantity)]
+
+
+def _cron_value(text: str, field: tuple) -> int:
+    name, low, high, names = field
+    if text.upper() in names:
+        return low + names.index(text.upper())
+    if not text.isdigit():
+        raise ValueError(f"{name} {text!r} is not a number" + (f" or one of {', '.join(names)}" if names else ""))
+    value = int(text)
+    if not low <= value <= high:
+        raise ValueError(f"{name} {value} is out of range {low}-{high}")
+    return value
+
+
+def check_cron(text: str) -> str:
+    """Validate a 5-field cron schedule (minute hour day-of-month month day-of-week).
+
+    Each field is ``*`` (or ``?`` in the day fields), or a comma list of ``N``, ``N-M``, each
+    optionally ``/STEP``; months and weekdays also by name (JAN, MON). ``TZ=`` prefixes are
+    refused: the time zone is ``cluster.time_zone``.
+
+    Raises:
+        ValueError: Not 5 fields, or a field out of its range; the message names the field.
+    """
+    if "TZ" in text:
+        raise ValueError(f"{text!r}: give the time zone in cluster.time_zone, not in the schedule")
+    parts = text.split()
+    if len(parts) != 5:
+        raise ValueError(f"{text!r} has {len(parts)} fields; a cron schedule has 5: minute hour day-of-month "
+                         "month day-of-week (e.g. '0 2 * * *': 02:00 every day)")
+    for part, field in zip(parts, _CRON_FIELDS, strict=True):
+        name = field[0]
+        for item in part.split(","):
+            span, slash, step = item.partition("/")
+            if slash and not (step.isdigit() and int(step) > 0):
+                raise ValueError(f"{text!r}: {name} step {step!r} must be a whole number above 0")
+            if span == "*" or (span == "?" and name in ("day-of-month", "day-of-week")):
+                continue
+            lo, dash, hi = span.partition("-")
+            try:
+                first, last = _cron_value(lo, field), _cron_value(hi, field) if dash else None
+            except ValueError as e:
+                raise ValueError(f"{text!r}: {e}") from None
+            if last is not None and last < first:
+                raise ValueError(f"{text!r}: {name} range {span!r} runs backwards")
+    return text
+
+
+class ClusterHead(Section):
+    """The head pod (KubeRay) / head node (``ray up``): GCS, dashboard, Jobs API, the job's driver."""
+
+    cpu: Quantity = Field("4", description="Kubernetes CPU quantity (request = limit)")
+    memory: Quantity = Field("16Gi", description="Kubernetes memory quantity (request = limit)")
+    ray_cpus: int | None = Field(0, ge=0, description="logical CPUs Ray schedules tasks on at the head; 0 "
+                                 "keeps work off it (KubeRay's advice once there are workers), None: its cpu")
+
+
+class ClusterGpuWorkers(Section):
+    """The autoscaling GPU worker group: where training and data loading run."""
+
+    group_name: str = Field("gpu", pattern=DNS1123_LABEL, max_length=63)
+    min_replicas: int = Field(0, ge=0, description="workers kept even when idle")
+    max_replicas: int = Field(4, ge=0, description="the autoscaler adds workers up to this many")
+    gpus_per_worker: int = Field(1, ge=0)
+    gpu_resource: str = Field("nvidia.com/gpu", description="the extended resource name of the GPUs")
+    cpu: Quantity = "8"
+    memory: Quantity = "64Gi"
+    shm_size: Quantity = Field("16Gi", description="/dev/shm (tmpfs) of each worker: the data loader's shared "
+                          "memory and Ray's object store live there. It counts against memory, so it "
+                          "must be smaller")
+    idle_timeout_s: int = Field(300, ge=0, description="an idle worker is removed after this long")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterGpuWorkers:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} is greater than max_replicas {self.max_replicas}")
+        if quantity_value(self.shm_size) >= quantity_value(self.memory):
+            raise ValueError(f"shm_size {self.shm_size} must be less than memory {self.memory}: a memory-backed "
+                             "/dev/shm counts against the worker's memory limit")
+        return self
+
+
+class ClusterLauncher(Section):
+    """``ray up`` on a cloud: the instance types of the head and of the GPU workers."""
+
+    provider: Literal["aws"] = "aws"
+    region: str = Field("us-west-2", pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+    availability_zone: str | None = Field(None, description="comma-separated zones; None: the provider's")
+    head_instance_type: str = "m5.2xlarge"
+    gpu_instance_type: str = "g5.2xlarge"
+    max_workers: int | None = Field(None, ge=0, description="cap on all workers; None: gpu_workers.max_replicas")
+    disk_gb: int = Field(200, ge=8, description="root volume of every node (the image is large)")
+    ssh_user: str = "ubuntu"
+
+
+class ClusterConfig(Section):
+    """``dsl cluster render``: a KubeRay RayCluster/RayJob/RayCronJob or a ``ray up`` config.
+
+    Credentials are never part of a rendered definition: the pods take the keys of the
+    Kubernetes Secret ``secret_name`` as environment variables (envFrom) and/or act as
+    ``service_account``; ``ray up`` nodes use their instance role.
+    """
+
+    name: str = Field("dsl", pattern=NAME, max_length=MAX_NAME, description="name of the RayCluster, RayJob, "
+                      "RayCronJob and launcher cluster (DNS-1035 label)")
+    namespace: str = Field("default", pattern=DNS1123_LABEL, max_length=63)
+    image: str = Field("dsl:latest", min_length=1, description="image with this repository installed "
+                       "(`dsl` on PATH) and as its working directory, built FROM rayproject/ray:<ray_version>-gpu")
+    ray_version: str = Field("2.60.0", pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$", description="the image's Ray")
+    service_account: str | None = Field(None, pattern=DNS1123_SUBDOMAIN, max_length=253)
+    secret_name: str | None = Field(None, pattern=DNS1123_SUBDOMAIN, max_length=253, description="a Secret "
+                                    "whose keys become the pods' environment variables (e.g. AWS_*, MLFLOW_*)")
+    command: list[str] = Field(default_factory=lambda: ["pretrain", "--config", "configs/pretrain/paper.yaml"],
+                               min_length=1, description="the dsl command line (after `dsl`) a RayJob runs")
+    schedule: Annotated[str, AfterValidator(check_cron)] = Field(
+        "0 2 * * *", description="cron schedule of the RayCronJob: minute hour day-of-month month day-of-week")
+    time_zone: str | None = Field(None, min_length=1, description="IANA zone of schedule; None: the operator's")
+    ttl_seconds_after_finished: int = Field(600, ge=0, description="a finished RayJob's cluster is deleted "
+                                            "after this long")
+    active_deadline_s: int | None = Field(None, ge=1, description="a RayJob running longer is stopped")
+    head: ClusterHead = ClusterHead()
+    gpu_workers: ClusterGpuWorkers = ClusterGpuWorkers()
+    launcher: ClusterLauncher = ClusterLauncher()
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, argv: list[str]) -> list[str]:
+        if argv[0] in ("dsl", "python"):
+            raise ValueError(f"give the arguments after `dsl` (e.g. [pretrain, --config, FILE]), not {argv[0]!r}")
+        if any(not a for a in argv):
+            raise ValueError("an empty argument")
+        return argv
+
+    @field_validator("time_zone")
+    @classmethod
+    def _time_zone(cls, zone: str | None) -> str | None:
+        if zone is not None:
+            try:
+                zoneinfo.ZoneInfo(zone)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"{zone!r} is not an IANA time zone like Europe/Berlin or UTC") from None
+        return zone
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        cap = self.launcher.max_workers
+        if cap is not None and cap < self.gpu_workers.min_replicas:
+            raise ValueError(f"launcher.max_workers {cap} is less than gpu_workers.min_replicas "
+                             f"{self.gpu_workers.min_replicas}")
+        return self
+
+
 class Config(Section):
     """The whole tree; each command reads the sections it needs."""
 
@@ -376,6 +578,7 @@ class Config(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     promote: PromoteConfig = PromoteConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     @model_validator(mode="after")
     def _check(self) -> Config:
