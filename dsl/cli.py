@@ -138,6 +138,13 @@ COMMANDS: tuple[Command, ...] = (
                 _f("--no-ship-code", action="store_true"),
                 _REMAINDER,
             )),
+    Command("pipeline", "run a pipeline's stages for one slot, each stage once (recorded in MLflow)",
+            "dsl.pipeline:command", flags=(
+                _f("action", choices=["run"]),
+                _f("name", help="configs/pipelines/<name>.yaml, or the path of a pipeline file"),
+                _f("--slot", help="slot id (default: today's UTC date); submit it as --id pipeline-<name>-<slot>"),
+                _f("--tracking-uri", help="MLflow store of the slot records (default: the file's tracking_uri)"),
+            )),
     Command("cluster", "render KubeRay and `ray up` cluster definitions from the cluster config section",
             "cluster.render:command", ("cluster",), flags=(
                 _f("action", choices=["render"], help="what to do: render a definition"),
