@@ -327,9 +327,9 @@ def test_a_contender_that_created_its_attempt_first_wins(tmp_path, uri, monkeypa
 # ---------------------------------------------------------------- on a Ray cluster (slow)
 
 @pytest.mark.slow
-def test_a_submitted_slot_runs_once(ray_head, mlflow_server, tmp_path):
-    """Submitted with the slot as its id: a second submission is refused by Ray; one under another
-    id skips every stage (MLflow), and the champion alias moved once."""
+def test_a_submitted_slot_runs_once(ray_two_nodes, mlflow_server, tmp_path):
+    """Submitted with the slot as its id to a two-node cluster: a second submission is refused by
+    Ray; one under another id skips every stage (MLflow), and the champion alias moved once."""
     from mlflow import MlflowClient
 
     from cluster import jobs
@@ -358,6 +358,7 @@ def test_a_submitted_slot_runs_once(ray_head, mlflow_server, tmp_path):
         {"name": "promote", "command": ["promote", "--config", "configs/promote/gate.yaml",
                                         f"mlflow.tracking_uri={uri}"]}]}, name)
     argv = ["pipeline", "run", str(path), "--slot", "s1"]
+    ray_head = ray_two_nodes.dashboard
     sid = jobs.submit(ray_head, argv, submission_id=f"pipeline-{name}-s1")
     with pytest.raises(RuntimeError, match="already"):
         jobs.submit(ray_head, argv, submission_id=sid)
