@@ -126,9 +126,17 @@ COMMANDS: tuple[Command, ...] = (
         _f("--address", required=True, help="the cluster's dashboard URL, e.g. http://head:8265"),
         _f("--id", help="submission id (idempotency key)"),
         _f("--no-ship-code", action="store_true", help="the cluster already has DSL installed"),
-        _f("--wait", action="store_true", help="block until the job ends; exit 1 unless it succeeded"),
+        _f("--wait", action="store_true", help="stream its logs until it ends; exit 0 succeeded, 1 failed, 130 stopped"),
         _REMAINDER,
     )),
+    Command("jobs", "the Ray cluster's jobs: list them, show one's status or logs, stop one",
+            "cluster.jobs:jobs_command", flags=(
+                _f("action", choices=["list", "status", "logs", "stop"]),
+                _f("id", nargs="?", help="submission id (status, logs, stop)"),
+                _f("--address", required=True, help="the cluster's dashboard URL, e.g. http://head:8265"),
+                _f("--follow", action="store_true",
+                   help="logs: stream them until the job ends; exit 0 succeeded, 1 failed, 130 stopped"),
+            )),
     Command("schedule", "submit a dsl command to a Ray cluster on a fixed schedule", "cluster.schedule:command",
             flags=(
                 _f("--address", required=True),

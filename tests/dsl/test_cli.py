@@ -13,7 +13,7 @@ from dsl.cli import BY_NAME, COMMANDS, build_parser, load, main, resolve
 def test_every_command_resolves_and_has_help():
     names = [c.name for c in COMMANDS]
     assert set(names) == {"synth", "ingest", "pretrain", "finetune", "evaluate", "promote", "rollback", "export",
-                          "submit", "schedule", "pipeline", "cluster", "demo"}
+                          "submit", "jobs", "schedule", "pipeline", "cluster", "demo"}
     for c in COMMANDS:
         assert callable(resolve(c.run)), c.name
         assert c.name in build_parser().format_help()
