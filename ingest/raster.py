@@ -157,6 +157,18 @@ class OpenRasters:
         return self._call(url, "unreadable or truncated raster", True,
                           lambda ds: _raster(url, ds, _read(ds, out_shape, resampling, window), window))
 
+    def call(self, url: str, what: Callable[[Any], Any], unreadable: str = "unreadable") -> Any:
+        """``what(dataset)`` on the open raster, under the same retries and errors as :meth:`read`.
+
+        For readers that do more than a window read (the STAC reader's warped reads). An error
+        ``what`` raises itself that is not a read error (a ``BadInput`` of its own, a skip)
+        passes through unchanged.
+
+        Raises:
+            BadInput: Missing, unreadable, or a transient error that persisted.
+        """
+        return self._call(url, unreadable, True, what)
+
     def header(self, url: str) -> Raster:
         """Georeferencing and shape without reading pixels (``data`` is a zero-memory view).
 
@@ -217,7 +229,7 @@ class OpenRasters:
                 except Exception:  # noqa: BLE001, S110 - a broken dataset may fail to close; it is gone anyway
                     pass
 
-    def _call(self, url: str, unreadable: str, not_found: bool, what: Callable[[Any], Raster]) -> Raster:
+    def _call(self, url: str, unreadable: str, not_found: bool, what: Callable[[Any], Any]) -> Any:
         """``what(dataset)`` with the raster opened once, transient errors retried, others BadInput.
 
         Args:
@@ -236,7 +248,8 @@ class OpenRasters:
                 with self._env_for(url):
                     self._drop(url)  # a dataset that failed mid-read is reopened, not trusted
                 if local:  # a local file's error does not go away: no retry
-                    if not_found and isinstance(e, FileNotFoundError):
+                    # GDAL says a file is missing in its message (a RasterioIOError), not its type
+                    if not_found and (isinstance(e, FileNotFoundError) or "No such file or directory" in str(e)):
                         raise BadInput(url, "file not found") from None
                     raise BadInput(url, f"{unreadable} ({_first_line(e, chain=False)})") from None
                 first = _first_line(e, chain=True)

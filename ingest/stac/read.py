@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
@@ -38,8 +37,7 @@ from rasterio.windows import Window
 
 from dsl.contracts.config import StacConfig
 from dsl.contracts.shard_format import S1_BANDS
-from ingest.gdal_env import gdal_options, is_transient, messages, vsi_path
-from ingest.raster import BadInput
+from ingest.raster import BadInput, OpenRasters, RetryPolicy
 from ingest.records import Pair, Skipped, check_key
 from ingest.stac.scene import Scene
 
@@ -54,6 +52,10 @@ DB_RANGE = (-50.0, 30.0)
 
 class PatchSkipped(Skipped):
     """A patch left out by a filter (not an error): ``reason`` is one of :data:`REASONS`."""
+
+
+# datasets a reader keeps open: a block's 15 (12 S2 bands, SCL, VV, VH) and the next block's
+OPEN_ASSETS = 32
 
 
 def patch_transform(scene: Scene, row: int, col: int, tile: int) -> Affine:
@@ -87,28 +89,35 @@ def check_units(href: str, units: str, data: np.ndarray) -> None:
 class SceneReader:
     """Reads patches of scenes, one reader per Ray task; a context manager (or call :meth:`close`).
 
-    Every asset is opened once per reader (datasets cached by href) inside the reader's
-    ``rasterio.Env`` (:func:`ingest.gdal_env.gdal_options`), so a COG's header is fetched
-    once however many patches are read from it.
+    Every asset is opened once per reader and kept open (the ingest's
+    :class:`ingest.raster.OpenRasters`, GDAL settings of :func:`ingest.gdal_env.gdal_options`),
+    so a COG's header is fetched once however many patches of its block are read from it.
 
     Args:
         cfg: ``ingest.stac`` settings (filters, retries).
         sleep: Waits between retries (tests may pass a recorder).
 
     Attributes:
-        opens: href -> times opened (1 unless a transient error forced a reopen).
-        retried: href -> transient errors retried.
+        rasters: The open datasets (:class:`ingest.raster.OpenRasters`).
     """
 
     def __init__(self, cfg: StacConfig | None = None, sleep: Callable[[float], Any] = time.sleep):
         self.cfg = cfg or StacConfig()
-        self.options = gdal_options(self.cfg.retries, self.cfg.retry_backoff_s)
-        self.env = rasterio.Env(**self.options)
-        self._sleep = sleep
-        self._datasets: dict[str, Any] = {}
+        # the datasets, their GDAL settings and the retries are the ingest's shared ones
+        # (ingest.raster.OpenRasters); a block reads 15 files at once, so more stay open
+        self.rasters = OpenRasters(RetryPolicy(retries=self.cfg.retries, backoff_s=self.cfg.retry_backoff_s,
+                                               gdal_retries=self.cfg.retries), sleep=sleep, max_open=OPEN_ASSETS)
         self._grids: dict[str, tuple[Affine, int, int]] = {}  # href -> (inverse transform, width, height)
-        self.opens: Counter[str] = Counter()
-        self.retried: Counter[str] = Counter()
+
+    @property
+    def opens(self) -> Counter[str]:
+        """Href -> times opened (1 unless a transient error forced a reopen)."""
+        return self.rasters.opens
+
+    @property
+    def retried(self) -> Counter[str]:
+        """Href -> transient errors retried."""
+        return self.rasters.retried
 
     def __enter__(self) -> SceneReader:
         return self
@@ -118,46 +127,11 @@ class SceneReader:
 
     def close(self) -> None:
         """Close every open dataset."""
-        with self.env:
-            for ds in self._datasets.values():
-                ds.close()
-        self._datasets.clear()
+        self.rasters.close()
 
-    # -- opening and retrying -------------------------------------------------------------
-    def _dataset(self, href: str):
-        ds = self._datasets.get(href)
-        if ds is None:
-            self.opens[href] += 1
-            ds = self._datasets[href] = rasterio.open(vsi_path(href))
-        return ds
-
-    def _drop(self, href: str) -> None:
-        ds = self._datasets.pop(href, None)
-        if ds is not None:
-            try:
-                ds.close()
-            except Exception:  # noqa: BLE001 - a broken dataset may fail to close; it is gone anyway
-                pass
-
-    def _read(self, href: str, what: Callable[[Any], np.ndarray]) -> np.ndarray:
+    def _read(self, href: str, what: Callable[[Any], Any]) -> Any:
         """``what(dataset)`` with the asset opened once, transient errors retried, others BadInput."""
-        for attempt in range(self.cfg.retries + 1):
-            try:
-                return what(self._dataset(href))
-            except (BadInput, PatchSkipped):
-                raise
-            except (rasterio.errors.RasterioError, OSError, ValueError, RuntimeError) as e:
-                first = messages(e).splitlines()[0][:300] if str(e) else type(e).__name__
-                self._drop(href)  # a dataset that failed mid-read is reopened, not trusted
-                if not is_transient(e, href):
-                    if isinstance(e, FileNotFoundError) or "No such file" in first or "does not exist" in first:
-                        raise BadInput(href, "file not found") from None
-                    raise BadInput(href, f"unreadable ({first})") from None
-                if attempt == self.cfg.retries:
-                    raise BadInput(href, f"transient error persisted after {self.cfg.retries} retries ({first})") from None
-                self.retried[href] += 1
-                self._sleep(self.cfg.retry_backoff_s * 2 ** attempt)
-        raise AssertionError("unreachable")
+        return self.rasters.call(href, what)
 
     # -- the patch --------------------------------------------------------------------------
     def read_patch(self, scene: Scene, row: int, col: int, tile: int) -> Pair:
@@ -178,10 +152,9 @@ class SceneReader:
             raise ValueError(f"patch ({row}, {col}) of {tile} px is outside scene {scene.s2_id} ({rows} x {cols} patches)")
         key = check_key(f"{scene.s2_id}_r{row}_c{col}")
         transform = patch_transform(scene, row, col, tile)
-        with self.env:
-            scl_fraction = self._scl(scene, transform, tile)
-            s1 = self._s1(scene, transform, tile)
-            s2 = self._s2(scene, transform, tile)
+        scl_fraction = self._scl(scene, transform, tile)
+        s1 = self._s1(scene, transform, tile)
+        s2 = self._s2(scene, transform, tile)
         location = f"{scene.grid}_r{row}_c{col}"
         meta = {
             "source": "stac", "key": key, "location": location,

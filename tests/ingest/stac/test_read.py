@@ -185,8 +185,8 @@ def test_each_dataset_opened_once_per_reader(scene_files):
         read_all(reader, s)
         hrefs = {*s.s2_assets.values(), s.scl, *s.s1_assets.values()}
         assert dict(reader.opens) == dict.fromkeys(hrefs, 1)
-        datasets = list(reader._datasets.values())
-    assert datasets and all(ds.closed for ds in datasets) and not reader._datasets
+        datasets = [ds for ds, _ in reader.rasters._open.values()]
+    assert datasets and all(ds.closed for ds in datasets) and not reader.rasters._open
 
 
 def test_unreadable_asset_is_bad_input_naming_it_and_the_reader_goes_on(scene_files, tmp_path):
@@ -207,7 +207,14 @@ def test_unreadable_asset_is_bad_input_naming_it_and_the_reader_goes_on(scene_fi
         assert reader.read_patch(f.scene, 2, 2, TILE).s2.shape == (12, TILE, TILE)  # the next patch reads
 
 
-def test_transient_errors_are_retried_with_backoff_then_bad_input():
+def test_transient_errors_are_retried_with_backoff_then_bad_input(monkeypatch):
+    import ingest.raster
+
+    # a local file stands in for a remote asset (the real S3 path is tested below, slow): only
+    # remote reads are retried, so this one is read as if remote
+    monkeypatch.setattr(ingest.raster, "is_local", lambda url: False)
+    monkeypatch.setattr(ingest.raster, "is_remote", lambda url: True)
+    monkeypatch.setattr(ingest.raster, "vsi_path", lambda url: url)
     waits = []
     reader = SceneReader(StacConfig(retries=3, retry_backoff_s=0.5), sleep=waits.append)
     calls = []
@@ -218,7 +225,6 @@ def test_transient_errors_are_retried_with_backoff_then_bad_input():
             raise RasterioIOError("HTTP response code: 503")
         return np.zeros(1)
 
-    # the dataset open is exercised elsewhere; here a readable local file stands in for it
     href = str(build_scene_band())
     assert reader._read(href, flaky).shape == (1,)
     assert waits == [0.5, 1.0] and reader.retried[href] == 2 and reader.opens[href] == 3
