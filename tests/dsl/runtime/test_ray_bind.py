@@ -102,7 +102,10 @@ def test_local_ray_listens_on_loopback_only_with_token_auth_and_leaves_no_folder
     home = tmp_path / "home"
     home.mkdir()
     # RAY_AUTH_MODE=disabled as a user may have it: the local start turns token auth on anyway
-    env = {**os.environ, MARK: mark, "HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # (and without the token variables a local Ray of this test process may have set: the child's
+    # shutdown gives back what it inherited, which is what it is checked against below)
+    inherited = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")}
+    env = {**inherited, MARK: mark, "HOME": str(home), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     started: dict = {}
     child = subprocess.Popen([sys.executable, "-c", CHILD], cwd=REPO, env=env, text=True, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
