@@ -672,6 +672,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def read_yaml(path: str | Path, what: str) -> Any:
+    """The YAML document of a file a user wrote (a config, a pipeline), read safely.
+
+    Raises:
+        ConfigError: Unreadable, not UTF-8, or not YAML (an alias bomb or a too-deep document
+            included); one line naming the file.
+    """
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"cannot read {what} {path}: not UTF-8 text (byte {e.start})") from None
+    try:
+        return _safe_load(text)
+    except _YAML_ERRORS as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a config file, apply ``key=value`` overrides and validate the whole tree.
 
@@ -685,16 +704,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict = {}
     origin = str(path) if path else "<defaults>"
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {e.start})") from None
-        try:
-            loaded = _safe_load(text) or {}
-        except _YAML_ERRORS as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        loaded = read_yaml(path, "config") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         raw = _merge({}, loaded, Config, origin)

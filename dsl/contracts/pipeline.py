@@ -26,10 +26,9 @@ import string
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dsl.contracts.config import ConfigError
+from dsl.contracts.config import ConfigError, read_yaml
 from dsl.contracts.documents import describe
 
 # Stage names end up in MLflow tag keys (dsl.pipeline.stage.<name>) and in placeholders.
@@ -137,16 +136,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
         ConfigError: Unreadable, not YAML, an unknown or missing key, a bad value, a duplicate stage
             name or a bad placeholder; one line naming the file and the key.
     """
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read pipeline {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"cannot read pipeline {path}: not UTF-8 text (byte {e.start})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    raw = read_yaml(path, "pipeline")  # the config files' safe reader (alias bombs, depth)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with 'stages'")
     try:

@@ -396,3 +396,15 @@ def test_stages_finished_while_claiming_are_not_run_again(tmp_path, uri, monkeyp
     out = run_pipeline(str(path), "s1", uri, say=lambda _: None, stage_runner=counting)
     assert out["ran"] == ["two"] and out["skipped"] == ["one"] and len(counting.argvs) == 1
     assert MlflowClient(uri).get_run(out["run_id"]).data.tags[STATE] == DONE
+
+
+def test_an_alias_bomb_in_a_pipeline_file_is_one_line(tmp_path):
+    """The pipeline file goes through the config files' reader and bounded error messages: 9**8
+    leaves behind aliases are refused as values, never expanded."""
+    anchors = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    anchors += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 8)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("stages:\n  - name: a\n    command: [" + ", ".join(anchors) + "]\n")
+    with pytest.raises(ConfigError) as e:  # expanded, it would not end (the suite's timeout)
+        load_pipeline(path)
+    assert len(str(e.value).splitlines()) == 1 and str(e.value).startswith(f"{path}: ")
