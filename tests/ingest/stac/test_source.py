@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 import ingest.stac.search as search
@@ -183,4 +181,3 @@ def test_a_skipped_patch_is_counted_by_reason_not_quarantined(tmp_path, monkeypa
 def test_the_source_needs_its_config():
     with pytest.raises(ValueError, match="stac source needs the ingest config"):
         get_source("stac", 32)
-    assert dataclasses.is_dataclass(scene("A"))
