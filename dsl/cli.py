@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``dsl <argv>``; returns the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    extra = _late_positionals(BY_NAME[args.command], args, extra)
     # argparse hands out a run of positionals at once: in `cluster render --kind K a.b=1`, "render"
     # and an empty overrides list match together and a.b=1 is left over; it is an override
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
@@ -252,6 +253,22 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError)):
             return _fail(command.name, "error", cause, 2)
         raise  # not an input or a job failure: a bug, whose traceback is wanted
+
+
+def _late_positionals(command: Command, args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """Give an optional positional left empty the first word left over; the rest of ``extra``.
+
+    argparse matches positionals in runs between options, so in ``dsl jobs status --address A
+    ID`` the optional ``id`` is matched (empty) together with ``status`` and ``ID`` is left over.
+    """
+    for f in command.flags:
+        if f.names[0].startswith("-") or f.options.get("nargs") != "?" or getattr(args, f.names[0]) is not None:
+            continue
+        word = next((e for e in extra if not e.startswith("-") and "=" not in e), None)
+        if word is not None:
+            setattr(args, f.names[0], word)
+            extra = extra[:extra.index(word)] + extra[extra.index(word) + 1:]
+    return extra
 
 
 def _cause(e: BaseException) -> BaseException:

@@ -73,3 +73,22 @@ def test_a_refused_permission_is_one_line_not_a_traceback(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         "dsl ingest: error: listing s3://bucket/raw/ROIs0000_test failed: PermissionError: Access Denied"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["jobs", "status", "--address", "http://127.0.0.1:9", "pretrain-7"],
+    ["jobs", "status", "pretrain-7", "--address", "http://127.0.0.1:9"],
+    ["jobs", "--address", "http://127.0.0.1:9", "status", "pretrain-7"],
+])
+def test_a_submission_id_may_follow_the_options(argv, monkeypatch):
+    import cluster.jobs
+
+    seen = {}
+    monkeypatch.setattr(cluster.jobs, "jobs_command", lambda cfg, args: seen.setdefault("id", args.id) and 0)
+    assert main(argv) == 0 and seen == {"id": "pretrain-7"}
+
+
+def test_a_second_word_after_the_id_is_still_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["jobs", "status", "--address", "http://127.0.0.1:9", "pretrain-7", "extra"])
+    assert e.value.code == 2 and "unrecognized arguments: extra" in capsys.readouterr().err
