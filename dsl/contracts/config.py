@@ -741,3 +741,17 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# a password in a URL's userinfo (scheme://user:password@host): what is written where jobs are
+# shown or kept (MLflow params, job metadata) keeps the user and drops the password
+_URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``.
+
+    ``https://user:tok@host/x`` -> ``https://user:***@host/x``, as SQLAlchemy prints database
+    URLs; a URL without a password is unchanged.
+    """
+    return _URL_PASSWORD.sub(r"\1:***@", text)

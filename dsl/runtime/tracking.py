@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from dsl.contracts.config import Config, MLflowConfig, dump_config, flatten
+from dsl.contracts.config import Config, MLflowConfig, dump_config, flatten, redact_credentials
 
 _log = logging.getLogger(__name__)
 
@@ -57,10 +57,15 @@ def experiment_id(mlflow_client, cfg: Config) -> str:
 
 
 def log_config(mlflow_client, run_id: str, cfg: Config) -> None:
-    """The resolved config tree as the run's params (``section.key``)."""
+    """The resolved config tree as the run's params (``section.key``), URL passwords as ``***``.
+
+    Params are readable by everyone with access to the experiment: a tracking URI or a STAC API
+    written with its password (``https://user:token@host``) keeps only the user there.
+    """
     from mlflow.entities import Param
 
-    items = [(k, "" if v is None else str(v)[:6000]) for k, v in flatten(dump_config(cfg)).items()]
+    items = [(k, "" if v is None else redact_credentials(str(v))[:6000])
+             for k, v in flatten(dump_config(cfg)).items()]
     for i in range(0, len(items), 100):
         mlflow_client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
 

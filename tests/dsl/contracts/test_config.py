@@ -69,3 +69,17 @@ def test_syncbatch_needs_gpus():
     with pytest.raises(ConfigError, match="model.norm syncbatch needs GPUs"):
         load_config(None, ["model.norm=syncbatch"])
     assert load_config(None, ["model.norm=syncbatch", "scale.use_gpu=true"]).model.norm == "syncbatch"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("https://user:tok@host:5000/x", "https://user:***@host:5000/x"),
+    ("postgresql+psycopg2://ml:p%40ss@db/mlflow", "postgresql+psycopg2://ml:***@db/mlflow"),
+    ("['s3://a/b', 'https://u:p@h/s']", "['s3://a/b', 'https://u:***@h/s']"),
+    ("https://user@host/x", "https://user@host/x"),
+    ("http://127.0.0.1:5000/api", "http://127.0.0.1:5000/api"),
+    ("sqlite:///tmp/a:b@c.db", "sqlite:///tmp/a:b@c.db"),
+])
+def test_url_passwords_are_redacted(text, expected):
+    from dsl.contracts.config import redact_credentials
+
+    assert redact_credentials(text) == expected

@@ -258,3 +258,25 @@ def test_outage_settings_are_validated():
     with pytest.raises(ConfigError, match="mlflow.request_timeout_s"):
         load_config(None, ["mlflow.request_timeout_s=0"])
     assert load_config(None, ["mlflow.flush_timeout_s=0"]).mlflow.flush_timeout_s == 0
+
+
+class RecordingClient:
+    """Keeps the params a stand-in MLflow client was asked to log."""
+
+    def __init__(self) -> None:
+        self.params: dict[str, str] = {}
+
+    def log_batch(self, run_id, params=()):
+        self.params.update({p.key: p.value for p in params})
+
+
+def test_logged_params_carry_no_url_password():
+    from dsl.runtime.tracking import log_config
+
+    cfg = load_config(None, ["mlflow.tracking_uri=https://ci:hunter2@mlflow.example:5000",
+                             "data.shards=s3://bucket/shards"])
+    recorder = RecordingClient()
+    log_config(recorder, "run", cfg)
+    assert recorder.params["mlflow.tracking_uri"] == "https://ci:***@mlflow.example:5000"
+    assert recorder.params["data.shards"] == "s3://bucket/shards"
+    assert not any("hunter2" in v for v in recorder.params.values()) and len(recorder.params) > 50
