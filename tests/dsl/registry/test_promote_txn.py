@@ -414,3 +414,61 @@ def test_the_commands_say_their_name_and_quiet_the_store_s_tracebacks(capsys):
         assert logger.level == logging.CRITICAL
     finally:
         logger.setLevel(before)
+
+
+@pytest.mark.parametrize("command", ["promote", "rollback"])
+def test_the_commands_print_the_result_and_say_a_recovery_on_stderr(reg, crash_at, capsys, command):
+    from dsl.contracts.config import load_config
+
+    champion_then_candidate(reg)
+    crash_at("history")
+    killed(P.promote, cfg(), NAME, URI)
+    crash_at(None)
+    capsys.readouterr()
+    config = load_config(None, [f"mlflow.tracking_uri={URI}", f"mlflow.registered_model={NAME}",
+                                "promote.lock_settle_s=0"])
+    run = P.promote_command if command == "promote" else P.rollback_command
+    assert run(config, None) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert err.splitlines() == [f"dsl {command}: {result['recovered']}"]
+    assert result["recovered"].startswith("completed the interrupted promote of version 2")
+    assert reg.aliases["champion"] == (2 if command == "promote" else 1)
+
+
+def test_undoing_a_promotion_pops_only_its_own_version_off_a_longer_stack(reg):
+    entry = {"action": "promote", "version": "3", "previous": "2", "time": "t"}
+    reg.model_tags[HIST] = json.dumps({"stack": ["1", "2", "3"], "log": [entry]})
+    txn = {"action": "promote", "alias": "champion", "version": "3", "previous": "2", "tags": {},
+           "before": {}, "entry": entry}
+    reg.model_tags[PENDING] = "x"
+    P._backward(reg, NAME, txn)
+    assert json.loads(reg.model_tags[HIST]) == {"stack": ["1", "2"], "log": []}
+
+
+def test_a_promotion_records_a_move_made_by_hand_before_deciding(reg):
+    champion_then_candidate(reg)
+    reg.add_run(3, 0.1)
+    reg.aliases["champion"] = 3  # moved by hand, outside promote/rollback
+    assert P.promote(cfg(), NAME, URI)["decision"] == "promoted"
+    assert history(reg) == (["1", "3", "2"], [("promote", "1", None), ("external", "3", "1"), ("promote", "2", "3")])
+    assert not [k for k in reg.model_tags if k.startswith("dsl.alias_history.") and k != HIST]
+
+
+def test_a_rollback_says_nothing_unless_it_recovered_and_says_its_waits(reg, monkeypatch):
+    champion_then_candidate(reg)
+    assert P.promote(cfg(), NAME, URI)["decision"] == "promoted"
+    monkeypatch.setattr(L, "RETRY_FIRST_S", 0.001)
+    opened = {"n": 0}
+
+    def opening(uri):
+        opened["n"] += 1
+        if opened["n"] == 1:
+            raise RuntimeError("database is locked")
+        return FakeRegistry.registries[uri]
+
+    monkeypatch.setattr(mlflow, "MlflowClient", opening)
+    said = []
+    out = P.rollback(cfg(), NAME, URI, said.append)
+    assert (out["restored"], out["demoted"]) == ("1", "2") and "recovered" not in out
+    assert len(said) == 1 and "retrying opening the store" in said[0]
