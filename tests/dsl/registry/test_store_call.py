@@ -264,3 +264,32 @@ def test_the_registry_lock_retries_for_at_most_its_timeout(monkeypatch):
 def test_promotion_lock_hands_the_uri_to_the_registry_lock():
     lock = promotion_lock(object(), REMOTE, "m", "champion", timeout=7.0)
     assert isinstance(lock, RegistryLock) and lock.uri == REMOTE and lock.timeout == 7.0
+
+
+class BusyWrites(BusyRegistry):
+    """A free lock whose tag writes (``write``: set or delete) keep failing as a busy store."""
+
+    def __init__(self, write: str):
+        super().__init__(busy=0)
+        self.tags, self.write = {}, write
+
+    def get_registered_model(self, name):
+        return SimpleNamespace(tags=dict(self.tags))
+
+    def set_registered_model_tag(self, name, key, value):
+        if self.write == "set":
+            raise RuntimeError("database is locked")
+        self.tags[key] = value
+
+    def delete_registered_model_tag(self, name, key):
+        raise RuntimeError("database is locked")
+
+
+def test_a_busy_lock_write_names_what_it_was_doing(monkeypatch):
+    monkeypatch.setattr(L, "RETRY_FIRST_S", 0.01)
+    with pytest.raises(StoreUnavailable, match=r"limit 0.05s; taking the lock: database is locked"):
+        RegistryLock(BusyWrites("set"), "m", "champion", 0.05, 60.0, 0.0, REMOTE).__enter__()
+    lock = RegistryLock(BusyWrites("delete"), "m", "champion", 0.05, 60.0, 0.0, REMOTE)
+    with pytest.raises(StoreUnavailable, match=r"limit 0.05s; releasing the lock: database is locked"):
+        with lock:
+            pass
