@@ -307,6 +307,7 @@ def good_record(**kw) -> dict:
     json.dumps(good_record(action="delete")), json.dumps(good_record(alias="gold")),
     json.dumps(good_record(tags=[])), json.dumps(good_record(before="x")),
     json.dumps({k: v for k, v in good_record().items() if k != "entry"}),
+    "{" + "x" * 300,  # the message quotes the first 200 characters
 ])
 def test_a_garbled_pending_record_is_one_clear_error(reg, value):
     reg.model_tags[PENDING] = value
@@ -402,6 +403,7 @@ def test_opening_the_store_waits_out_a_busy_one(reg, monkeypatch):
     said = []
     raw, client = P._connect(cfg(), URI, said.append)
     assert raw is reg and opened["n"] == 2 and "retrying opening the store" in said[0]
+    assert said[0].startswith(f"tracking store {URI} busy or unreachable")
     assert isinstance(client, P._Store) and client.get_registered_model(NAME).tags == {}
 
 
@@ -472,3 +474,17 @@ def test_a_rollback_says_nothing_unless_it_recovered_and_says_its_waits(reg, mon
     out = P.rollback(cfg(), NAME, URI, said.append)
     assert (out["restored"], out["demoted"]) == ("1", "2") and "recovered" not in out
     assert len(said) == 1 and "retrying opening the store" in said[0]
+
+
+@pytest.mark.parametrize("step", ["pending", "tags", "history"])
+def test_a_first_promotion_killed_before_the_alias_existed_is_completed(reg, crash_at, step):
+    reg.add_run(1, 0.5)
+    reg.aliases["candidate"] = 1
+    crash_at(step)
+    killed(P.promote, cfg(), NAME, URI)
+    assert "champion" not in reg.aliases
+    crash_at(None)
+    line = P.recover(reg, NAME, "champion")
+    assert line.startswith("completed the interrupted promote of version 1 to 'champion'")
+    assert reg.aliases["champion"] == 1 and PENDING not in reg.model_tags
+    assert history(reg) == (["1"], [("promote", "1", None)])

@@ -257,8 +257,9 @@ def test_the_registry_lock_retries_its_calls_when_it_knows_the_store(monkeypatch
 
 def test_the_registry_lock_retries_for_at_most_its_timeout(monkeypatch):
     monkeypatch.setattr(L, "RETRY_FIRST_S", 0.01)
-    with pytest.raises(StoreUnavailable, match=r"limit 0.05s; reading the lock: database is locked"):
+    with pytest.raises(StoreUnavailable, match=r"limit 0.05s; reading the lock: database is locked") as e:
         RegistryLock(BusyRegistry(busy=10**6), "m", "champion", 0.05, 60.0, 0.0, REMOTE)._holder()
+    assert str(e.value).startswith(f"tracking store {REMOTE} busy or unreachable")
 
 
 def test_promotion_lock_hands_the_uri_to_the_registry_lock():
@@ -293,3 +294,13 @@ def test_a_busy_lock_write_names_what_it_was_doing(monkeypatch):
     with pytest.raises(StoreUnavailable, match=r"limit 0.05s; releasing the lock: database is locked"):
         with lock:
             pass
+
+
+def test_a_busy_error_stays_busy_whatever_its_cause_says():
+    try:
+        try:
+            raise ValueError("a row was not found")
+        except ValueError as inner:
+            raise RuntimeError("database is locked") from inner
+    except RuntimeError as e:
+        assert classify(e, LOCAL) == "transient"
