@@ -821,3 +821,15 @@ def test_selecting_every_sample_is_the_unselected_epoch(ds):
              for n, (a, b) in enumerate(((0, 9), (9, 16), (16, 21)))}
     cfg = cfg_for(ds["three"], batch_size=1)
     assert keys(list(stream(cfg, keys=every))) == keys(list(stream(cfg)))
+
+
+def test_an_evaluation_stream_checks_each_shard_against_the_manifest(tmp_path):
+    root = Path(write_dataset(tmp_path / "e", [4, 3]))
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = next(s for s in manifest["shards"] if s["name"] == "pairs-000001.tar")
+    assert shard["sha256"] and shard["bytes"]
+    shard["sha256"] = "0" * 64  # the shard on disk is no longer the manifest's
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    cfg = cfg_for(str(root), batch_size=2)
+    with pytest.raises(ValueError, match=r"pairs-000001\.tar: the shard is \d+ bytes with sha256 .*corrupt"):
+        list(stream(cfg, train=False))
