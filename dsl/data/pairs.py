@@ -165,7 +165,7 @@ def read_shard(
             except ValueError:
                 raise
             except Exception as e:
-                raise OSError(f"{url}: cannot read shard: {e.args[0] if e.args else e!r}") from e
+                raise OSError(f"{url}: cannot read shard: {e.args[0] if e.args else repr(e)}") from e
             yield sample
     finally:
         stream.close()

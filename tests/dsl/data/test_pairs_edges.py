@@ -833,3 +833,74 @@ def test_an_evaluation_stream_checks_each_shard_against_the_manifest(tmp_path):
     cfg = cfg_for(str(root), batch_size=2)
     with pytest.raises(ValueError, match=r"pairs-000001\.tar: the shard is \d+ bytes with sha256 .*corrupt"):
         list(stream(cfg, train=False))
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most ``chunk`` bytes per read (a socket, an HTTP body), not seekable."""
+
+    def __init__(self, data: bytes, chunk: int = 700):
+        self.data, self.chunk, self.at = data, chunk, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.chunk if n < 0 else min(n, self.chunk)
+        out = self.data[self.at:self.at + n]
+        self.at += len(out)
+        return out
+
+
+def test_short_reads_give_the_same_members_and_digest(ds):
+    shard = Path(ds["three"]) / "pairs-000002.tar"
+    data = shard.read_bytes()
+    whole = list(P._members(io.BytesIO(data), "u", P.S1_MEMBERS + P.S2_MEMBERS))
+    assert len(whole) > 5
+    expect = (len(data), hashlib.sha256(data).hexdigest())
+    for chunk in (700, 4096):
+        assert list(P._members(Trickle(data, chunk), "u", P.S1_MEMBERS + P.S2_MEMBERS, expect=expect)) == whole
+
+
+def test_a_member_of_exactly_the_limit_is_read_not_refused(tmp_path):
+    edge = tmp_path / "edge.tar"
+    info = tarfile.TarInfo("k.s1.npy")
+    info.size = P.MAX_SAMPLE_BYTES
+    edge.write_bytes(info.tobuf(tarfile.USTAR_FORMAT) + b"\0" * 1024)  # claims 256 MB, holds none
+    with pytest.raises(ValueError) as e:
+        list(P.read_shard(str(edge)))
+    assert str(e.value) == f"{edge}: byte 512: member k.s1.npy runs past the end of the shard (truncated)"
+
+
+def test_a_skipped_member_cut_short_is_named_when_the_shard_is_hashed(tmp_path):
+    cut = tmp_path / "cut.tar"
+    with tarfile.open(cut, "w") as tar:
+        info = tarfile.TarInfo("k.s2.npy")
+        info.size = 10_000
+        tar.addfile(info, io.BytesIO(b"\1" * 10_000))
+    cut.write_bytes(cut.read_bytes()[:3000])
+    with pytest.raises(ValueError) as e:  # hashed: read through, not skipped by seeking
+        list(P.read_shard(str(cut), ("s1.npy",), expect=(3000, "0" * 64)))
+    assert str(e.value) == f"{cut}: byte 512: member k.s2.npy runs past the end of the shard (truncated)"
+
+
+def test_a_shard_that_is_not_the_manifest_s_names_both_sizes_and_digests(ds):
+    shard = Path(ds["three"]) / "pairs-000002.tar"
+    data = shard.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    with pytest.raises(ValueError) as e:
+        list(P.read_shard(str(shard), expect=(len(data) + 512, "abcdef0123456789" * 4)))
+    assert str(e.value) == (f"{shard}: the shard is {len(data)} bytes with sha256 {digest[:12]}..., the manifest "
+                            f"says {len(data) + 512} bytes, abcdef012345... (corrupt, truncated or replaced)")
+
+
+def test_a_read_error_is_named_by_its_message(tmp_path, monkeypatch):
+    def failing(_):
+        raise EOFError("connection reset at byte 4096")
+        yield
+
+    shard = tmp_path / "x.tar"
+    shard.write_bytes(b"\0" * 1024)
+    monkeypatch.setattr(P, "group_by_keys", failing)
+    with pytest.raises(OSError) as e:
+        list(P.read_shard(str(shard)))
+    assert str(e.value) == f"{shard}: cannot read shard: connection reset at byte 4096"
