@@ -59,6 +59,10 @@ def test_a_nan_shard_is_dropped_sample_by_sample(tmp_path, caplog):
     batches, said = epoch(root, caplog)
     check(batches, SHARD1, bad=6)
     assert "dropping a bad sample: " in said and "pairs-000001.tar: sample 'loc0006': s1 has non-finite values" in said
+    # a shard's first three are named, then the 4th (8th, 16th ...) with the count so far
+    lines = [line for line in said.splitlines() if "dropping a bad sample: " in line]
+    assert len(lines) == 4 and lines[3].endswith("(4 so far in this shard)")
+    assert not any("so far in this shard" in line for line in lines[:3])
 
 
 def test_one_nan_pixel_outside_the_crop_still_drops_the_sample(tmp_path, caplog):

@@ -904,3 +904,15 @@ def test_a_read_error_is_named_by_its_message(tmp_path, monkeypatch):
     with pytest.raises(OSError) as e:
         list(P.read_shard(str(shard)))
     assert str(e.value) == f"{shard}: cannot read shard: connection reset at byte 4096"
+
+
+@pytest.mark.parametrize("drop", [("sha256",), ("sha256", "bytes")])
+def test_an_evaluation_stream_reads_shards_the_manifest_gives_no_digest_for(tmp_path, drop):
+    root = Path(write_dataset(tmp_path / "e", [4, 3]))
+    manifest = json.loads((root / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        for field in drop:
+            shard[field] = None  # an older manifest: nothing to check the shard against
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    batches = list(stream(cfg_for(str(root), batch_size=2), train=False))
+    assert sorted(k for b in batches for k in b["key"]) == [f"loc{i:04d}" for i in range(7)]
