@@ -132,6 +132,13 @@ def test_outcomes_of_a_block_are_counted_and_quarantined_one_by_one(tmp_path, mo
         return Pair(key=key, location="a", s1=np.zeros((2, 4, 4), np.float32), s2=np.ones((2, 4, 4), np.uint16),
                     meta={"key": key, "s2_bands": ["B2", "B3"], "s2_file": "s3://b/x.tif"})
 
+    def big_pair(key: str) -> Pair:  # larger than a tile: cut into tiles like any source's pair
+        rng = np.random.default_rng(0)
+        return Pair(key=key, location="a", s1=rng.uniform(-20, 0, (2, 16, 16)).astype(np.float32),
+                    s2=rng.integers(1, 999, (2, 16, 16)).astype(np.uint16),
+                    meta={"key": key, "s2_bands": ["B2", "B3"], "s2_file": "s3://b/x.tif",
+                          "transform": [10.0, 0.0, 500000.0, 0.0, -10.0, 6000000.0]})
+
     class Source:
         def read(self, item):
             yield Skipped("cloud")
@@ -139,19 +146,24 @@ def test_outcomes_of_a_block_are_counted_and_quarantined_one_by_one(tmp_path, mo
             yield BadRecord(f"{item.key}_r0_c1", "s3://b/x.tif", "unreadable")
             yield Skipped("s1_nodata")
             yield make_pair(f"{item.key}_r1_c1")
+            yield Skipped("cloud")
+            yield big_pair("big")
 
         def close(self):
             pass
 
-    monkeypatch.setattr(run, "get_source", lambda name, tile, cfg=None: Source())
+    seen = {}
+    monkeypatch.setattr(run, "get_source", lambda name, tile, cfg=None: seen.setdefault("cfg", cfg) and Source())
     cfg = IngestConfig(input="/in", output=str(tmp_path), source="stac", tile_size=8)
     items = (PairItem("a", "a", (("scene", "a"),), index=0),)
     out = run.write_partition(cfg, run.Partition(None, 0, items, "px"))
-    assert (out["samples"], out["bad"], out["skipped"]) == (2, 1, 2)
+    assert seen["cfg"] is cfg  # the stac source reads its options from the ingest config
+    assert (out["samples"], out["bad"], out["skipped"]) == (6, 1, 3)
     import json
 
     side = json.loads((tmp_path / "_parts" / "px-000000.tar.json").read_text())
-    assert side["keys"] == ["a_r0_c0", "a_r1_c1"] and side["skipped"] == {"cloud": 1, "s1_nodata": 1}
+    assert side["keys"] == ["a_r0_c0", "a_r1_c1", "big_r0_c0", "big_r0_c1", "big_r1_c0", "big_r1_c1"]
+    assert side["skipped"] == {"cloud": 2, "s1_nodata": 1}
     assert side["bad"] == [{"key": "a_r0_c1", "file": "s3://b/x.tif", "reason": "unreadable"}]
 
 
