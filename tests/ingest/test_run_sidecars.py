@@ -111,3 +111,19 @@ def test_on_s3_each_sidecar_is_one_get(s3_server, monkeypatch):
     # present or not, one request each (s3fs's plain cat_file would add a HEAD, exists + open two)
     assert requests == {f"/{bucket}/out/{run.PARTS}/{p.shard}.json": 1 for p in ps}
     direct.rm(f"{bucket}/out", recursive=True)
+
+
+def test_the_reader_pool_is_bounded_by_threads_and_parts(tmp_path, monkeypatch):
+    sizes = []
+
+    class Recording(run.ThreadPoolExecutor):
+        def __init__(self, max_workers=None):
+            sizes.append(max_workers)
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(run, "ThreadPoolExecutor", Recording)
+    ps = parts(5)
+    write_sidecars(tmp_path, ps)
+    for threads in (1, 3, 64):
+        assert len(list(run.read_sidecars(str(tmp_path), ps, threads=threads))) == 5
+    assert sizes == [1, 3, 5]  # never more threads than asked for, nor than sidecars to read
