@@ -290,3 +290,72 @@ def test_the_manifest_records_the_smallest_patch_a_crop_must_fit(tmp_path, setup
         check_crop(DataConfig(shards=str(tmp_path), crop_size=25), m)
     assert str(e.value) == (f"data.crop_size 25 is larger than the patches of {tmp_path}: the smallest stored patch "
                             "is 24x28; use data.crop_size <= 24")
+
+
+# ---------------------------------------------------------------- a source with a listing (stac's hooks)
+
+
+class ListingSource(TableSource):
+    """A table source with what the stac source adds: per-patch skips, its listing's digest
+    (pinned in the plan) and the listing it writes beside the output for the tasks."""
+
+    def __init__(self, tiles, digest: str = "scenes-v1"):
+        super().__init__(tiles)
+        self.digest, self.listings = digest, []
+
+    def read(self, it: PairItem):
+        from ingest.records import Skipped
+
+        return [Skipped("cloud"), *super().read(it), Skipped("cloud"), Skipped("s1_nodata")]
+
+    def listing_digest(self) -> str:
+        return self.digest
+
+    def write_listing(self, output: str) -> None:
+        self.listings.append(output)
+
+
+def test_a_source_s_listing_is_pinned_in_the_plan_and_written_beside_the_output(tmp_path, monkeypatch):
+    source = ListingSource({k: tiles(k) for k in "abcde"})
+    configs = []
+    monkeypatch.setattr(run, "get_source", lambda name, tile_size, cfg=None: configs.append(cfg) or source)
+    monkeypatch.setattr(run, "_run_tasks", Tasks())
+    cfg = config(tmp_path)
+    m = run.ingest(cfg)
+    assert configs[0] is cfg  # the source reads its own options (ingest.stac) from the config
+    assert source.listings == [str(tmp_path)]
+    assert m.skipped == {"cloud": 10, "s1_nodata": 5} and m.samples == 5
+    items, _ = source.list("/in")
+    assert m.plan_id == run._plan_id(cfg, items, 2, "scenes-v1") != run._plan_id(cfg, items, 2)
+    source.digest = "scenes-v2"  # the search now returns other scenes: not the pinned plan
+    with pytest.raises(run.IngestError, match="holds an ingest of a different input or options"):
+        run.ingest(cfg)
+
+
+def test_sidecars_written_before_skips_and_patch_sizes_still_merge(tmp_path, setup):
+    setup(ListingSource({k: tiles(k) for k in "abcde"}))
+    cfg = config(tmp_path)
+    first = run.ingest(cfg)
+    assert first.patch_min == [4, 4]
+    for side in (tmp_path / "_parts").glob("*.tar.json"):
+        record = json.loads(side.read_text())
+        if record["partition"] != "pairs-000001.tar":
+            continue
+        del record["skipped"], record["patch_min"]  # as an older ingest wrote them
+        side.write_text(json.dumps(record))
+    again = run.ingest(cfg)  # a rerun: every partition committed, the manifest merged again
+    assert again.samples == 5 and again.patch_min == [4, 4]
+    assert sum(again.skipped.values()) < sum(first.skipped.values())
+
+
+def test_unreadable_statistics_name_the_sidecar(tmp_path, setup):
+    setup(TableSource({k: tiles(k) for k in "abc"}))
+    cfg = config(tmp_path)
+    run.ingest(cfg)
+    side = tmp_path / "_parts" / "pairs-000000.tar.json"
+    record = json.loads(side.read_text())
+    record["stats"]["s1"] = {"garbled": True}
+    side.write_text(json.dumps(record))
+    with pytest.raises(run.IngestError) as e:
+        run.ingest(cfg)
+    assert str(e.value).startswith(f"{tmp_path}/_parts/pairs-000000.tar.json: unreadable statistics (")
