@@ -276,7 +276,7 @@ def test_partitions_cut_by_each_items_bytes():
     assert [(p.split, p.index, [i.key for i in p.items]) for p in split] == [
         ("train", 0, ["k7", "k6"]), ("train", 1, ["k5", "k2"]), ("train", 2, ["k1"]),
         ("val", 0, ["k0", "k4"]), ("val", 1, ["k3"])]
-    with pytest.raises(ValueError, match="one size per item and shard_bytes"):
+    with pytest.raises(ValueError, match="^sizes needs one size per item and shard_bytes$"):
         run.plan_partitions(items, None, 0.0, "px", sizes=[1] * 7, shard_bytes=10)
 
 
