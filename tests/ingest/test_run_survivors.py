@@ -260,6 +260,7 @@ def test_items_without_tiles_make_an_empty_dataset_not_a_failure(tmp_path, setup
     assert (m.samples, m.bad, m.shards, m.bands.s2) == (0, 0, [], None)
     assert m.stats.s2 == {} and m.stats.s1 == {}
     assert (tmp_path / "quarantine.jsonl").read_text() == ""
+    assert (m.index, m.digests) == (None, None) and not (tmp_path / "index.npy").exists()
 
 
 class SizedSource(TableSource):
@@ -302,6 +303,7 @@ class ListingSource(TableSource):
     def __init__(self, tiles, digest: str = "scenes-v1"):
         super().__init__(tiles)
         self.digest, self.listings = digest, []
+        self.counts = {"s2_scenes": 7, "paired": 5}  # what the search found, for the manifest
 
     def read(self, it: PairItem):
         from ingest.records import Skipped
@@ -325,6 +327,7 @@ def test_a_source_s_listing_is_pinned_in_the_plan_and_written_beside_the_output(
     assert configs[0] is cfg  # the source reads its own options (ingest.stac) from the config
     assert source.listings == [str(tmp_path)]
     assert m.skipped == {"cloud": 10, "s1_nodata": 5} and m.samples == 5
+    assert m.listing == {"s2_scenes": 7, "paired": 5}
     items, _ = source.list("/in")
     assert m.plan_id == run._plan_id(cfg, items, 2, "scenes-v1") != run._plan_id(cfg, items, 2)
     source.digest = "scenes-v2"  # the search now returns other scenes: not the pinned plan
@@ -341,10 +344,13 @@ def test_sidecars_written_before_skips_and_patch_sizes_still_merge(tmp_path, set
         record = json.loads(side.read_text())
         if record["partition"] != "pairs-000001.tar":
             continue
-        del record["skipped"], record["patch_min"]  # as an older ingest wrote them
+        # as older ingests wrote them: no skips, no patch size, no offsets (the index is read
+        # from the shard's own headers), no sample digests (the dataset then has none)
+        del record["skipped"], record["patch_min"], record["shard"]["offsets"], record["shard"]["digests"]
         side.write_text(json.dumps(record))
     again = run.ingest(cfg)  # a rerun: every partition committed, the manifest merged again
     assert again.samples == 5 and again.patch_min == [4, 4]
+    assert again.index == first.index and first.digests is not None and again.digests is None
     assert sum(again.skipped.values()) < sum(first.skipped.values())
 
 
@@ -359,3 +365,17 @@ def test_unreadable_statistics_name_the_sidecar(tmp_path, setup):
     with pytest.raises(run.IngestError) as e:
         run.ingest(cfg)
     assert str(e.value).startswith(f"{tmp_path}/_parts/pairs-000000.tar.json: unreadable statistics (")
+
+
+def test_an_input_whose_first_items_all_fail_is_refused_naming_the_first(tmp_path, setup):
+    source = TableSource({f"k{i:03d}": tiles(f"k{i:03d}") for i in range(run.PROBE_ITEMS + 1)})
+
+    def unreadable(it):
+        raise BadInput(f"/in/{it.key}.tif", "not a GeoTIFF")
+
+    source.estimate_bytes = unreadable
+    setup(source)
+    with pytest.raises(run.IngestError) as e:
+        run.ingest(config(tmp_path))
+    assert str(e.value) == (f"none of the first {run.PROBE_ITEMS} of {run.PROBE_ITEMS + 1} inputs reads (the first: "
+                            f"{BadInput('/in/k000.tif', 'not a GeoTIFF')}); is --input the right dataset?")
