@@ -375,3 +375,9 @@ def test_the_plan_id_hashes_each_item_as_asdict_did():
     for it in items:
         h.update(json.dumps(asdict(it), sort_keys=True).encode())
     assert run._plan_id(cfg, items, 3) == h.hexdigest()
+
+
+def test_items_that_fill_a_shard_exactly_share_it():
+    assert run._cuts([0, 1, 2], None, [100, 150, 250], 250) == [(0, 2), (2, 3)]
+    assert run._cuts([0, 1, 2], None, [100, 151, 250], 250) == [(0, 1), (1, 2), (2, 3)]
+    assert run._cuts([0], None, [900], 250) == [(0, 1)]  # larger than a shard: alone, never dropped
