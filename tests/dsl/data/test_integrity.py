@@ -129,7 +129,8 @@ def test_a_flipped_bit_fails_the_sample_digest(tmp_path, caplog):
     _flip(shard2, int(index[(6 + 1) * 2 + 2]) - 1600)
     batches, said = epoch(root, caplog)
     check(batches, {"loc0013"}, bad=1)
-    assert f"{shard2}: bytes [" in said and "differ from the sample's digest" in said
+    assert f"{shard2}: bytes [" in said and ("differ from the sample's digest in the manifest's digests (corrupt or "
+                                             "replaced shard)") in said
 
 
 def test_without_digests_a_flipped_bit_goes_unseen(tmp_path, caplog):
@@ -177,3 +178,27 @@ def test_warnings_are_bounded_per_shard(tmp_path, caplog):
     bad = sum(b["bad"] for b in batches)
     assert bad > 16  # NaN samples met again and again: a warning each for the 1st-3rd, then the 4th, 8th ...
     assert len(caplog.records) == 3 + len([n for n in (4, 8, 16, 32, 64) if n <= bad])
+
+
+def first_three_of_each(lines: list[str]) -> list[int]:
+    """How many of shards 1 and 2's warnings came without a count: their first three each
+    (stand-ins found bad or unavailable add later, counted ones: 4th, 8th ...)."""
+    return [len([x for x in lines if f"pairs-00000{i}.tar" in x and "so far in this shard" not in x]) for i in (1, 2)]
+
+
+def test_each_shard_has_its_own_warning_count(tmp_path, caplog):
+    # shards 1 and 2 all NaN (12 bad samples): each shard's first three named, then its 4th
+    root = write_dataset(tmp_path / "d", SIZES, members=with_s1(np.nan, set(range(6, 18))))
+    batches, said = epoch(root, caplog)
+    lines = [line for line in said.splitlines() if "dropping a bad sample" in line]
+    assert first_three_of_each(lines) == [3, 3]
+
+
+def test_each_unavailable_shard_is_named(tmp_path, caplog):
+    root = Path(write_dataset(tmp_path / "d", SIZES))
+    for i in (1, 2):
+        (root / f"pairs-00000{i}.tar").unlink()  # lost after the manifest was written
+    batches, said = epoch(root, caplog)
+    assert sum(b["skipped"] for b in batches) == 12
+    lines = [line for line in said.splitlines() if "skipping samples of an unavailable shard" in line]
+    assert first_three_of_each(lines) == [3, 3]
