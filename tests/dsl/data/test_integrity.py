@@ -202,3 +202,13 @@ def test_each_unavailable_shard_is_named(tmp_path, caplog):
     assert sum(b["skipped"] for b in batches) == 12
     lines = [line for line in said.splitlines() if "skipping samples of an unavailable shard" in line]
     assert first_three_of_each(lines) == [3, 3]
+
+
+def test_values_on_the_range_limits_are_kept(tmp_path, caplog):
+    # one sample's S1 at exactly data.s1_range's low limit, another's at its high limit: both valid
+    members = with_s1(-100.0, {5})
+    high = with_s1(60.0, {17})
+    root = write_dataset(tmp_path / "d", SIZES, members=lambda idx, m: high(idx, members(idx, m)))
+    batches, said = epoch(root, caplog, s1_range=(-100.0, 60.0))
+    check(batches, set())
+    assert "dropping" not in said

@@ -304,3 +304,31 @@ def test_a_busy_error_stays_busy_whatever_its_cause_says():
             raise RuntimeError("database is locked") from inner
     except RuntimeError as e:
         assert classify(e, LOCAL) == "transient"
+
+
+@pytest.mark.parametrize("code", ["EACCES", "EPERM", "EROFS"])
+def test_a_lock_file_the_user_cannot_create_is_a_read_only_store(tmp_path, monkeypatch, code):
+    import errno
+    import os
+
+    def refused(*a, **kw):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(L.os, "open", refused)
+    path = tmp_path / "mlflow.db.dsl-promote.lock"
+    with pytest.raises(StoreReadOnly) as e:
+        L.FileLock(path, 1.0).__enter__()
+    assert str(e.value) == (f"cannot open the promotion lock {path}: {os.strerror(getattr(errno, code))} (the "
+                            "store's folder is read-only to this user); nothing was written")
+
+
+def test_other_errors_opening_the_lock_file_are_raised_as_they_are(tmp_path, monkeypatch):
+    import errno
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(L.os, "open", full)
+    with pytest.raises(OSError, match="No space left") as e:
+        L.FileLock(tmp_path / "x.lock", 1.0).__enter__()
+    assert not isinstance(e.value, StoreReadOnly)
