@@ -916,3 +916,21 @@ def test_an_evaluation_stream_reads_shards_the_manifest_gives_no_digest_for(tmp_
     (root / "manifest.json").write_text(json.dumps(manifest))
     batches = list(stream(cfg_for(str(root), batch_size=2), train=False))
     assert sorted(k for b in batches for k in b["key"]) == [f"loc{i:04d}" for i in range(7)]
+
+
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+@pytest.mark.parametrize("second, why", [
+    ("k.__url__", "member name 'k.__url__' is not <key>.<ext>"),
+    ("noext", "member name 'noext' is not <key>.<ext>"),
+    ("k.s1.npy", "member 'k.s1.npy' comes twice"),
+])
+def test_a_sample_s_bad_member_is_named_at_its_byte_in_the_shard(second, why):
+    data = _member("k.s1.npy", b"x" * 10) + _member(second, b"y" * 10)
+    with pytest.raises(ValueError) as e:
+        P.split_sample(data, "s3://b/pairs-000003.tar", 10240)
+    assert str(e.value) == f"s3://b/pairs-000003.tar: byte {10240 + 1024}: {why}"
