@@ -934,3 +934,14 @@ def test_a_sample_s_bad_member_is_named_at_its_byte_in_the_shard(second, why):
     with pytest.raises(ValueError) as e:
         P.split_sample(data, "s3://b/pairs-000003.tar", 10240)
     assert str(e.value) == f"s3://b/pairs-000003.tar: byte {10240 + 1024}: {why}"
+
+
+@pytest.mark.parametrize("size_field", [b"-0000000017\0", b"+0000000017\0", b"0o000000017\0", b"0000_000017\0"])
+def test_a_signed_or_decorated_size_with_a_good_checksum_is_refused(size_field):
+    header = bytearray(_member("k.s1.npy", b"")[:512])
+    header[124:136] = size_field
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)  # a checksum that matches: only the size field is wrong
+    with pytest.raises(ValueError) as e:
+        P.split_sample(bytes(header) + b"\0" * 1024, "u", 0)
+    assert str(e.value) == "u: byte 0: not a tar header (bad number field); the index or shard is damaged"
