@@ -208,6 +208,14 @@ def test_pretrain_on_s3(tmp_path, ray_session, s3_server):
     assert ckpts
     state = json.loads(fs.cat(ckpts[-1].rsplit("/", 1)[0] + "/state.json"))
     assert state["step"] == 10 and np.isfinite(history(cfg, out["run_id"], "loss")[-1][1])
+    # the S3 secret the workers read from their environment is nowhere the job keeps records: the
+    # MLflow store (params, tags, metrics), its artifacts (the registered model), the checkpoints
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    kept = {p: p.read_bytes() for p in [tmp_path / "mlflow.db", *(tmp_path / "mlartifacts").rglob("*")] if p.is_file()}
+    objects = fs.find(f"{bucket}/runs", detail=True)  # files only ("folders" are zero-byte markers)
+    kept.update({key: fs.cat(key) for key, info in objects.items() if info["type"] == "file" and info["size"]})
+    assert len(kept) > 10 and any(str(k).endswith("model.safetensors") for k in kept)
+    assert [k for k, data in kept.items() if secret in data] == []
 
 
 @pytest.mark.parametrize("name, overrides", [
