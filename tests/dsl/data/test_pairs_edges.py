@@ -357,13 +357,18 @@ def test_read_shard_checks_the_manifest_size_and_sha256_as_it_streams(ds):
             list(P.read_shard(str(shard), expect=expect))
 
 
-def test_read_shard_errors_name_the_shard(tmp_path, monkeypatch):
-    cut = tmp_path / "cut.tar"
-    with tarfile.open(cut, "w") as tar:
-        info = tarfile.TarInfo("k.s1.npy")
+def cut_shard(path, member: str):
+    """A shard of one 10,000-byte ``member``, cut after 3,000 bytes."""
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo(member)
         info.size = 10_000
         tar.addfile(info, io.BytesIO(b"\1" * 10_000))
-    cut.write_bytes(cut.read_bytes()[:3000])
+    path.write_bytes(path.read_bytes()[:3000])
+    return path
+
+
+def test_read_shard_errors_name_the_shard(tmp_path, monkeypatch):
+    cut = cut_shard(tmp_path / "cut.tar", "k.s1.npy")
     with pytest.raises(ValueError) as e:
         list(P.read_shard(str(cut), ("s1.npy",)))
     assert str(e.value) == f"{cut}: byte 512: member k.s1.npy runs past the end of the shard (truncated)"
@@ -872,12 +877,7 @@ def test_a_member_of_exactly_the_limit_is_read_not_refused(tmp_path):
 
 
 def test_a_skipped_member_cut_short_is_named_when_the_shard_is_hashed(tmp_path):
-    cut = tmp_path / "cut.tar"
-    with tarfile.open(cut, "w") as tar:
-        info = tarfile.TarInfo("k.s2.npy")
-        info.size = 10_000
-        tar.addfile(info, io.BytesIO(b"\1" * 10_000))
-    cut.write_bytes(cut.read_bytes()[:3000])
+    cut = cut_shard(tmp_path / "cut.tar", "k.s2.npy")
     with pytest.raises(ValueError) as e:  # hashed: read through, not skipped by seeking
         list(P.read_shard(str(cut), ("s1.npy",), expect=(3000, "0" * 64)))
     assert str(e.value) == f"{cut}: byte 512: member k.s2.npy runs past the end of the shard (truncated)"

@@ -389,7 +389,8 @@ def test_a_store_that_stays_busy_ends_the_promotion_with_one_line(reg, monkeypat
         P.promote(cfg(lock_timeout_s=0.05), NAME, URI)
 
 
-def test_opening_the_store_waits_out_a_busy_one(reg, monkeypatch):
+def busy_at_first_open(monkeypatch) -> dict:
+    """Opening the store fails once as busy, then works; returns the count of openings."""
     monkeypatch.setattr(L, "RETRY_FIRST_S", 0.001)
     opened = {"n": 0}
 
@@ -400,6 +401,11 @@ def test_opening_the_store_waits_out_a_busy_one(reg, monkeypatch):
         return FakeRegistry.registries[uri]
 
     monkeypatch.setattr(mlflow, "MlflowClient", opening)
+    return opened
+
+
+def test_opening_the_store_waits_out_a_busy_one(reg, monkeypatch):
+    opened = busy_at_first_open(monkeypatch)
     said = []
     raw, client = P._connect(cfg(), URI, said.append)
     assert raw is reg and opened["n"] == 2 and "retrying opening the store" in said[0]
@@ -460,16 +466,7 @@ def test_a_promotion_records_a_move_made_by_hand_before_deciding(reg):
 def test_a_rollback_says_nothing_unless_it_recovered_and_says_its_waits(reg, monkeypatch):
     champion_then_candidate(reg)
     assert P.promote(cfg(), NAME, URI)["decision"] == "promoted"
-    monkeypatch.setattr(L, "RETRY_FIRST_S", 0.001)
-    opened = {"n": 0}
-
-    def opening(uri):
-        opened["n"] += 1
-        if opened["n"] == 1:
-            raise RuntimeError("database is locked")
-        return FakeRegistry.registries[uri]
-
-    monkeypatch.setattr(mlflow, "MlflowClient", opening)
+    busy_at_first_open(monkeypatch)
     said = []
     out = P.rollback(cfg(), NAME, URI, said.append)
     assert (out["restored"], out["demoted"]) == ("1", "2") and "recovered" not in out
