@@ -743,8 +743,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# a password in a URL's userinfo (scheme://user:password@host): what is written where jobs are
-# shown or kept (MLflow params, job metadata) keeps the user and drops the password
+# a password in a URL's userinfo (scheme://user:password@host): config values logged where a
+# run's viewers read them (MLflow params) keep the user and drop the password
 _URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):[^/\s@]*@")
 
 
