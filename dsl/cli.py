@@ -267,7 +267,8 @@ def _late_positionals(command: Command, args: argparse.Namespace, extra: list[st
         word = next((e for e in extra if not e.startswith("-") and "=" not in e), None)
         if word is not None:
             setattr(args, f.names[0], word)
-            extra = extra[:extra.index(word)] + extra[extra.index(word) + 1:]
+            extra = [*extra]
+            extra.remove(word)
     return extra
 
 

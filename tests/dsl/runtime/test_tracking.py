@@ -260,23 +260,16 @@ def test_outage_settings_are_validated():
     assert load_config(None, ["mlflow.flush_timeout_s=0"]).mlflow.flush_timeout_s == 0
 
 
-class RecordingClient:
-    """Keeps the params a stand-in MLflow client was asked to log."""
-
-    def __init__(self) -> None:
-        self.params: dict[str, str] = {}
-
-    def log_batch(self, run_id, params=()):
-        self.params.update({p.key: p.value for p in params})
-
-
-def test_logged_params_carry_no_url_password():
+def test_logged_params_carry_no_url_password(tmp_path):
     from dsl.runtime.tracking import log_config
 
     cfg = load_config(None, ["mlflow.tracking_uri=https://ci:hunter2@mlflow.example:5000",
                              "data.shards=s3://bucket/shards"])
-    recorder = RecordingClient()
-    log_config(recorder, "run", cfg)
-    assert recorder.params["mlflow.tracking_uri"] == "https://ci:***@mlflow.example:5000"
-    assert recorder.params["data.shards"] == "s3://bucket/shards"
-    assert not any("hunter2" in v for v in recorder.params.values()) and len(recorder.params) > 50
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a real store: what it keeps is read back
+    run = client.create_run(client.create_experiment("params"))
+    log_config(client, run.info.run_id, cfg)
+    params = client.get_run(run.info.run_id).data.params
+    assert params["mlflow.tracking_uri"] == "https://ci:***@mlflow.example:5000"
+    assert params["data.shards"] == "s3://bucket/shards"
+    assert not any("hunter2" in v for v in params.values()) and len(params) > 50
+    assert b"hunter2" not in (tmp_path / "mlflow.db").read_bytes()
